@@ -1,0 +1,23 @@
+"""bora-pyro: Bayesian hierarchical LoRA (BoRA) for multi-task fine-tuning, in Pyro.
+
+The public API::
+
+    from bora_pyro import MultiTaskLM, MultiTaskCorpus, fit, evaluate
+    from bora_pyro.models import BoRA, HierarchicalNormal, Independent, Joint
+    from bora_pyro.guides import map_guide, mean_field_guide
+"""
+
+__version__ = "0.1.0"
+
+from .adapted_lm import MultiTaskLM, load_tokenizer  # noqa: E402
+from .data import Batch, MultiTaskCorpus  # noqa: E402
+from .errors import BoRAError, CheckpointError, ConfigError, DataError, ModelError  # noqa: E402
+from .evaluate import evaluate, evaluate_base  # noqa: E402
+from .fit import FitResult, fit, paper_lr  # noqa: E402
+from .run import RunConfig, load_run, save_run  # noqa: E402
+
+__all__ = [
+    "Batch", "BoRAError", "CheckpointError", "ConfigError", "DataError", "FitResult", "ModelError",
+    "MultiTaskCorpus", "MultiTaskLM", "RunConfig", "evaluate", "evaluate_base", "fit", "load_run",
+    "load_tokenizer", "paper_lr", "save_run",
+]

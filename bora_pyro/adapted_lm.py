@@ -1,0 +1,194 @@
+"""A frozen Hugging Face causal LM with multi-task LoRA layers in its target modules.
+
+:class:`MultiTaskLM` loads any ``AutoModelForCausalLM`` (hub name or local folder), freezes it,
+and swaps each target ``nn.Linear``/``Conv1D`` for a :class:`~bora_pyro.lora.MultiTaskLoRA` that
+wraps it. It knows nothing of Pyro: the model in ``bora_pyro.models`` samples the factors and
+hands them in with :meth:`MultiTaskLM.adapters`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .errors import ConfigError, ModelError
+from .lora import AdaptedModule, MultiTaskLoRA, linear_features
+
+#: Default target modules (last component of the module name) per ``config.model_type``:
+#: every linear map of attention and MLP blocks, as peft's ``all-linear`` would choose.
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+
+#: Adapter factors of one forward pass: module name → (lora_A [T, r, in], lora_B [T, out, r]).
+Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a causal LM from a hub name or a local folder, with a one-line error on failure."""
+    name_or_path = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"cannot load model {name_or_path!r}: it is neither a local folder with a config.json "
+            f"nor a reachable hub model ({str(error).splitlines()[0]})"
+        ) from None
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise ModelError(
+                f"{name_or_path!r} is a {config.model_type!r} model, not a causal LM: BoRA needs a "
+                "model that AutoModelForCausalLM can load (GPT-2, OPT, Llama, Qwen, ...)"
+            ) from None
+        raise
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """Load the tokenizer of a model; a missing pad token is set to the EOS token."""
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {str(name_or_path)!r} has no EOS token; set one before fitting")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def find_target_modules(model: PreTrainedModel, targets: Sequence[str] | None) -> list[str]:
+    """Full names of the modules to adapt.
+
+    ``targets`` are matched against the last name component (``"c_attn"``), or as a glob against
+    the full name (``"transformer.h.0.*"``). ``None`` uses :data:`DEFAULT_TARGET_MODULES`, or
+    every linear layer where the architecture has no entry. The output embedding is never adapted.
+    """
+    output_embeddings = model.get_output_embeddings()
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output_embeddings
+    ]
+    if targets is None:
+        targets = DEFAULT_TARGET_MODULES.get(model.config.model_type)
+        if targets is None:
+            return candidates
+    chosen = [
+        name
+        for name in candidates
+        if any(name.rsplit(".", 1)[-1] == target or fnmatch.fnmatchcase(name, target) for target in targets)
+    ]
+    if not chosen:
+        available = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+        raise ConfigError(
+            f"none of the target modules {list(targets)} exist in this {model.config.model_type!r} model; "
+            f"available linear modules: {available}"
+        )
+    return chosen
+
+
+class MultiTaskLM(nn.Module):
+    """A frozen causal LM whose target modules carry multi-task LoRA updates.
+
+    Args:
+        model: the causal LM; its weights are frozen in place (never copied).
+        rank: LoRA rank ``r``.
+        alpha: LoRA ``alpha``; updates are scaled by ``alpha / r``.
+        target_modules: see :func:`find_target_modules`.
+
+    Attributes:
+        modules_spec: one :class:`~bora_pyro.lora.AdaptedModule` per adapted module, in model order.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        rank: int = 8,
+        alpha: float = 16.0,
+        target_modules: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ConfigError(f"LoRA rank must be ≥ 1, got {rank}")
+        model.requires_grad_(False)
+        model.eval()
+        self.model = model
+        self.rank, self.alpha = rank, alpha
+        self.layers: dict[str, MultiTaskLoRA] = {}
+        specs = []
+        for name in find_target_modules(model, target_modules):
+            base_layer = model.get_submodule(name)
+            in_features, out_features = linear_features(base_layer)
+            if rank > min(in_features, out_features):
+                raise ConfigError(
+                    f"rank {rank} exceeds the dimensions of {name} ({in_features}→{out_features}); "
+                    f"use --rank ≤ {min(in_features, out_features)}"
+                )
+            layer = MultiTaskLoRA(base_layer, rank, alpha)
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, layer)
+            self.layers[name] = layer
+            specs.append(AdaptedModule(name, in_features, out_features, rank))
+        self.modules_spec: tuple[AdaptedModule, ...] = tuple(specs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype | None = None, **kwargs) -> MultiTaskLM:
+        """Load a hub model or local folder and wrap it (``kwargs`` go to the constructor)."""
+        return cls(load_causal_lm(name_or_path, dtype=dtype), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def num_adapter_params(self) -> int:
+        """Parameters of one task's adapter (all modules, A and B)."""
+        return sum(spec.num_params for spec in self.modules_spec)
+
+    @contextlib.contextmanager
+    def adapters(self, factors: Factors, row_tasks: torch.Tensor) -> Iterator[None]:
+        """Within the block, row ``b`` of every batch uses task ``row_tasks[b]`` of ``factors``.
+
+        Args:
+            factors: module name → (lora_A [T, r, in], lora_B [T, out, r]) for every adapted module.
+            row_tasks: [batch] long, indices into the first dim of the factors.
+        """
+        for name, layer in self.layers.items():
+            lora_A, lora_B = factors[name]
+            layer.set_adapters(lora_A, lora_B, row_tasks)
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.set_adapters(None, None, None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def sequence_log_prob(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sum of token log-probabilities of each (right-padded) document.
+
+        Args:
+            input_ids: [batch, length] long.
+            attention_mask: [batch, length], 1 on real tokens, 0 on padding.
+
+        Returns:
+            [batch] float32: ``Σ_{i=1}^{n-1} log p(w_i | w_{<i})`` over each document's n real tokens.
+        """
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        token_nll = nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+        )  # [batch, length-1]
+        return -(token_nll * attention_mask[:, 1:].to(token_nll.dtype)).sum(-1)

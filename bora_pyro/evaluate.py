@@ -1,0 +1,77 @@
+"""Held-out perplexity per task under one set of adapters (the posterior mean or MAP).
+
+Perplexity = exp(total NLL / number of predicted tokens), per task and over all tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from .data import DocumentSet
+
+Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def document_log_probs(
+    lm, factors: Factors | None, documents: DocumentSet, pad_token_id: int, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-likelihood [N] and predicted-token count [N] of every document of a split.
+
+    ``factors`` are the [D, ...] factors of every task (``None``: the base model alone).
+    """
+    log_probs, tokens = [], []
+    for batch in documents.batches(batch_size, pad_token_id):
+        batch = batch.to(lm.device)
+        if factors is None:
+            log_probs.append(lm.sequence_log_prob(batch.input_ids, batch.attention_mask))
+        else:
+            with lm.adapters(factors, batch.task_ids):
+                log_probs.append(lm.sequence_log_prob(batch.input_ids, batch.attention_mask))
+        tokens.append(batch.attention_mask.sum(-1) - 1)
+    return torch.cat(log_probs).cpu(), torch.cat(tokens).cpu()
+
+
+def perplexity_report(
+    log_probs: torch.Tensor, tokens: torch.Tensor, task_ids: list[int] | torch.Tensor, task_names: list[str]
+) -> dict:
+    """``{"perplexity", "nll", "tokens", "tasks": {name: {"perplexity", "tokens"}}}`` from per-document
+    log-likelihoods [N], predicted-token counts [N] and task indices [N]. Tasks without documents
+    in the split are left out."""
+    task_ids = torch.as_tensor(task_ids)
+    total_tokens = int(tokens.sum())
+    total_nll = -float(log_probs.sum())
+    report = {
+        "perplexity": math.exp(total_nll / max(total_tokens, 1)),
+        "nll": total_nll / max(total_tokens, 1),
+        "tokens": total_tokens,
+        "tasks": {},
+    }
+    for d, name in enumerate(task_names):
+        mask = task_ids == d
+        task_tokens = int(tokens[mask].sum())
+        if task_tokens:
+            report["tasks"][name] = {
+                "perplexity": math.exp(-float(log_probs[mask].sum()) / task_tokens),
+                "tokens": task_tokens,
+            }
+    return report
+
+
+def evaluate(model, guide, corpus, split: str = "test", batch_size: int = 16) -> dict:
+    """Per-task and overall perplexity of a split under the guide's posterior median (= mean for
+    AutoNormal, the MAP for AutoDelta). See :func:`perplexity_report` for the keys."""
+    factors = model.task_factors(guide.median())
+    documents = corpus.documents(split)
+    log_probs, tokens = document_log_probs(model.lm, factors, documents, corpus.pad_token_id, batch_size)
+    return perplexity_report(log_probs, tokens, documents.task_ids, corpus.task_names)
+
+
+def evaluate_base(lm, corpus, split: str = "test", batch_size: int = 16) -> dict:
+    """The same report for the frozen base model without adapters."""
+    documents = corpus.documents(split)
+    log_probs, tokens = document_log_probs(lm, None, documents, corpus.pad_token_id, batch_size)
+    return perplexity_report(log_probs, tokens, documents.task_ids, corpus.task_names)

@@ -1,0 +1,221 @@
+"""Run configuration, building every piece from it, and the run directory on disk.
+
+A run directory holds ``config.json`` (a :class:`RunConfig`, enough to rebuild model, prior, guide
+and data split), ``guide.safetensors`` (the fitted guide parameters; nothing is ever unpickled)
+and ``metrics.json``. Every file is written atomically: a temp file, then a rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import safetensors.torch
+import torch
+import transformers
+
+from . import __version__
+from .adapted_lm import MultiTaskLM, load_tokenizer
+from .data import Batch, MultiTaskCorpus
+from .errors import CheckpointError, ConfigError
+from .guides import map_guide, mean_field_guide
+from .models import BoRA, HierarchicalNormal, Independent, Joint
+
+CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
+PRIORS = ("hierarchical", "independent", "joint")
+GUIDES = ("map", "mean-field")
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a fit. Field names match the CLI flags of ``bora-pyro fit``."""
+
+    model: str
+    data: str | None = None
+    task_field: str = "task"
+    text_field: str = "text"
+    prior: str = "hierarchical"
+    tau: float = 100.0
+    global_scale: float | None = 1.0
+    centered: bool = True
+    guide: str = "map"
+    init_scale: float = 1e-3
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] | None = None
+    max_length: int = 256
+    test_size: float = 0.33
+    validation_size: float = 0.1
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    eval_every: int | None = None
+    patience: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    task_names: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.prior not in PRIORS:
+            raise ConfigError(f"unknown prior {self.prior!r}: choose one of {PRIORS}")
+        if self.guide not in GUIDES:
+            raise ConfigError(f"unknown guide {self.guide!r}: choose one of {GUIDES}")
+        if self.prior == "hierarchical" and not (math.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError(
+                f"tau must be a positive finite number for the hierarchical prior, got {self.tau}; "
+                "use --prior independent for τ = 0 and --prior joint for τ = ∞"
+            )
+        if self.data is not None and not Path(self.data).is_file():
+            raise ConfigError(f"data file {self.data!r} does not exist")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def make_prior(config: RunConfig):
+    if config.prior == "hierarchical":
+        return HierarchicalNormal(config.tau, config.global_scale, config.centered)
+    if config.prior == "independent":
+        return Independent(config.global_scale)
+    return Joint(config.global_scale)
+
+
+def make_guide(config: RunConfig, model: BoRA):
+    if config.guide == "map":
+        return map_guide(model, seed=config.seed)
+    return mean_field_guide(model, init_scale=config.init_scale, seed=config.seed)
+
+
+def build_lm(config: RunConfig) -> tuple[MultiTaskLM, object]:
+    """The wrapped LM on ``config.device`` and its tokenizer."""
+    lm = MultiTaskLM.from_pretrained(
+        config.model, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules
+    )
+    return lm.to(config.device), load_tokenizer(config.model)
+
+
+def load_corpus(config: RunConfig, tokenizer, data: str | None = None) -> MultiTaskCorpus:
+    """The run's data split (or another file's documents, mapped onto the run's tasks)."""
+    path = data or config.data
+    if path is None:
+        raise ConfigError("no data file: pass --data FILE")
+    return MultiTaskCorpus.from_file(
+        path,
+        tokenizer,
+        task_field=config.task_field,
+        text_field=config.text_field,
+        max_length=config.max_length,
+        test_size=config.test_size,
+        validation_size=config.validation_size,
+        seed=config.seed,
+        task_names=config.task_names or None,
+    )
+
+
+def versions() -> dict[str, str]:
+    return {"bora_pyro": __version__, "torch": torch.__version__, "pyro": pyro.__version__,
+            "transformers": transformers.__version__}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(temp_path)``, then rename the temp file onto ``path``."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def write_json(path: Path, values: dict) -> None:
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(values, indent=2) + "\n"))
+
+
+def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None) -> Path:
+    """Write config, guide parameters and metrics into ``run_dir`` (created if needed)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.versions = versions()
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in guide.state_dict().items()}
+    atomic_write(run_dir / GUIDE_FILE, lambda temp: safetensors.torch.save_file(state, temp))
+    write_json(run_dir / CONFIG_FILE, config.to_json())
+    if metrics is not None:
+        write_json(run_dir / METRICS_FILE, metrics)
+    return run_dir
+
+
+@dataclass
+class Run:
+    """A loaded run: its config, wrapped LM, tokenizer, model and fitted guide."""
+
+    config: RunConfig
+    lm: MultiTaskLM
+    tokenizer: object
+    model: BoRA
+    guide: object
+
+
+def build_model(config: RunConfig, lm: MultiTaskLM) -> tuple[BoRA, object]:
+    model = BoRA(lm, make_prior(config), len(config.task_names))
+    return model, make_guide(config, model)
+
+
+def init_guide(guide, lm: MultiTaskLM, eos_token_id: int) -> None:
+    """Create the guide's parameters by running it once on a two-token document of task 0."""
+    ids = torch.full((1, 2), eos_token_id, dtype=torch.long, device=lm.device)
+    batch = Batch(ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long, device=lm.device),
+                  torch.zeros(1, dtype=torch.long, device=lm.device), 1)
+    with torch.no_grad():
+        guide(batch)
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> Run:
+    """Rebuild a fitted run from its directory (on ``device``, default the run's)."""
+    run_dir = Path(run_dir)
+    config_path, guide_path = run_dir / CONFIG_FILE, run_dir / GUIDE_FILE
+    if not config_path.is_file() or not guide_path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory: it needs {CONFIG_FILE} and {GUIDE_FILE}")
+    try:
+        config = RunConfig.from_json(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{config_path} is not a valid run config ({error})") from None
+    saved_major = config.versions.get("bora_pyro", __version__).split(".")[0]
+    if saved_major != __version__.split(".")[0]:
+        raise CheckpointError(
+            f"{run_dir} was written by bora-pyro {config.versions['bora_pyro']}; this is {__version__}: "
+            "load it with that major version"
+        )
+    if device is not None:
+        config.device = device
+    lm, tokenizer = build_lm(config)
+    model, guide = build_model(config, lm)
+    init_guide(guide, lm, tokenizer.eos_token_id)
+    try:
+        state = safetensors.torch.load_file(str(guide_path), device=str(lm.device))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read {guide_path}: {str(error).splitlines()[0]}; the file is truncated or corrupt") from None
+    try:
+        guide.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{guide_path} does not match the model in {CONFIG_FILE}: {str(error).splitlines()[0]}") from None
+    return Run(config, lm, tokenizer, model, guide)

@@ -1,0 +1,77 @@
+"""The data pipeline: token convention, per-task seeded splits, mixed-task batches."""
+
+import json
+
+import pytest
+
+from bora_pyro import MultiTaskCorpus, load_tokenizer
+from bora_pyro.data import split_sizes
+from bora_pyro.errors import DataError
+from conftest import make_tokenizer, synthetic_records
+
+
+@pytest.fixture
+def tokenizer():
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pairs(num_tasks=3, docs_per_task=12):
+    return [(r["speaker"], r["line"]) for r in synthetic_records(num_tasks, docs_per_task)]
+
+
+def test_documents_are_tokens_plus_eos_truncated(tokenizer):
+    corpus = MultiTaskCorpus([("a", "w1 w2 w3"), ("a", "w4 " * 50)], tokenizer, max_length=8, test_size=0.0)
+    documents = sorted(corpus.train.documents, key=len)
+    assert documents[0] == tokenizer("w1 w2 w3")["input_ids"] + [tokenizer.eos_token_id]
+    assert len(documents[1]) == 8
+
+
+def test_split_is_per_task_seeded_and_independent_of_other_tasks(tokenizer):
+    corpus = MultiTaskCorpus(pairs(), tokenizer, test_size=0.25, validation_size=0.2, seed=3)
+    assert corpus.counts() == {f"task{d}": {"train_docs": 7, "validation_docs": 2, "test_docs": 3} for d in range(3)}
+    again = MultiTaskCorpus(sorted(pairs(), key=lambda p: p[0], reverse=True), tokenizer, test_size=0.25, validation_size=0.2, seed=3)
+    fewer = MultiTaskCorpus([p for p in pairs() if p[0] != "task2"], tokenizer, test_size=0.25, validation_size=0.2, seed=3)
+    task0 = lambda c: sorted(doc for doc, t in zip(c.test.documents, c.test.task_ids) if t == 0)  # noqa: E731
+    assert task0(corpus) == task0(again) == task0(fewer)
+    other_seed = MultiTaskCorpus(pairs(), tokenizer, test_size=0.25, validation_size=0.2, seed=4)
+    assert task0(other_seed) != task0(corpus)
+
+
+def test_split_policy_keeps_a_training_document():
+    assert split_sizes(1, 0.33, 0.1) == (1, 0, 0)
+    assert split_sizes(2, 0.5, 0.5) == (1, 0, 1)
+    assert split_sizes(100, 0.33, 0.1) == (60, 7, 33)
+
+
+def test_batches_mix_tasks_and_carry_doc_ids(tokenizer):
+    corpus = MultiTaskCorpus(pairs(), tokenizer, test_size=0.25)
+    batches = list(corpus.train.batches(5, corpus.pad_token_id))
+    assert sum(len(b.doc_ids) for b in batches) == len(corpus.train) == 27
+    batch = batches[0]
+    assert batch.num_docs == 27 and batch.input_ids.shape[0] == 5
+    assert batch.task_ids.tolist() == [corpus.train.task_ids[i] for i in batch.doc_ids.tolist()]
+    lengths = batch.attention_mask.sum(-1)
+    for row, i in enumerate(batch.doc_ids.tolist()):
+        assert batch.input_ids[row, : lengths[row]].tolist() == corpus.train.documents[i]
+    assert batch.num_predicted_tokens == int((lengths - 1).sum())
+
+
+def test_from_file_jsonl_csv_and_errors(tmp_path, gpt2_dir):
+    tokenizer = load_tokenizer(gpt2_dir)  # has no pad token on disk: set to EOS
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    records = synthetic_records(2, 5)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    csv = tmp_path / "d.csv"
+    csv.write_text("speaker,line\n" + "".join(f"{r['speaker']},{r['line']}\n" for r in records))
+    for path in (jsonl, csv):
+        corpus = MultiTaskCorpus.from_file(path, tokenizer, task_field="speaker", text_field="line")
+        assert corpus.task_names == ["task0", "task1"] and len(corpus.documents("all")) == 10
+    with pytest.raises(DataError, match="no column 'text'.*--task-field/--text-field"):
+        MultiTaskCorpus.from_file(jsonl, tokenizer, task_field="speaker")
+    with pytest.raises(DataError, match="does not exist"):
+        MultiTaskCorpus.from_file(tmp_path / "nope.jsonl", tokenizer)
+    with pytest.raises(DataError, match="not among the model's 1 tasks"):
+        MultiTaskCorpus.from_file(jsonl, tokenizer, task_field="speaker", text_field="line", task_names=["task0"])
