@@ -8,12 +8,15 @@ from collections import Counter
 import pytest
 
 from bora_pyro.corpora.shakespeare import (
+    CROSS_PLAY_NAMES,
     UNATTRIBUTED,
+    SpeakerCorpus,
     Speech,
     is_group_speaker,
     load_plays,
     parse_play,
     select_speakers,
+    speeches_elsewhere,
 )
 
 
@@ -348,18 +351,20 @@ def test_verse_set_in_bold_continues_the_speech() -> None:
 
 def synthetic_plays() -> dict[str, list[Speech]]:
     """40 plays; play k has speakers with 95 + 9k and 60 speeches, plays 0-9 a
-    second candidate, every play a group speaker with many speeches."""
+    second candidate, every play a group speaker with many speeches.  Heroes
+    and rivals are named per play; MINOR and ALL speak in every play."""
     plays: dict[str, list[Speech]] = {}
     for k in range(40):
         play = f"play-{k:02d}"
-        counts = {"HERO": 95 + 9 * k, "MINOR": 60, "ALL": 500}
+        hero = f"HERO {k:02d}"
+        counts = {hero: 95 + 9 * k, "MINOR": 60, "ALL": 500}
         if k < 10:
-            counts["RIVAL"] = 300 - 5 * k
+            counts[f"RIVAL {k:02d}"] = 300 - 5 * k
         plays[play] = [
             Speech(play, name, f"{name.title()} speaks line {i} of {play}.")
             for name, n in counts.items()
             for i in range(n)
-        ] + [Speech(play, "HERO", "Ay.")] * 50  # too short: filtered out
+        ] + [Speech(play, hero, "Ay.")] * 50  # too short: filtered out
     return plays
 
 
@@ -383,6 +388,43 @@ def test_selection_is_deterministic_and_keeps_base_plays_apart() -> None:
 
     one_per_play = select_speakers(plays, n_tasks=12, seed=3, max_per_play=1)
     assert len(one_per_play.task_plays) == 12
+
+
+def test_speakers_who_speak_in_other_plays_are_no_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate is dropped if its name (or, via CROSS_PLAY_NAMES, another
+    name of the same person) has more than max_speeches_elsewhere speeches, of
+    any length, in some other play."""
+
+    def speeches(play: str, name: str, n: int, text: str = "Speak the speech, I pray.") -> list[Speech]:
+        return [Speech(play, name, text)] * n
+
+    plays = {
+        "a": speeches("a", "FAT KNIGHT", 150)
+        + speeches("a", "PRINCE", 120)
+        + speeches("a", "LOVER", 100),
+        "b": speeches("b", "FAT KNIGHT", 10, "Ay.") + speeches("b", "DUKE", 140),
+        "c": speeches("c", "LOVER", 9) + speeches("c", "KING", 5) + speeches("c", "CLOWN", 110),
+        "d": speeches("d", "KING", 5) + speeches("d", "HERMIT", 95),
+    }
+    monkeypatch.setitem(CROSS_PLAY_NAMES, "a", {"PRINCE": "KING"})
+    elsewhere = speeches_elsewhere(plays)
+    assert elsewhere[("a", "FAT KNIGHT")] == 10  # short speeches count too
+    assert elsewhere[("a", "LOVER")] == 9
+    assert elsewhere[("a", "PRINCE")] == 5  # the most in any one play, not the sum
+    assert elsewhere[("c", "KING")] == 120  # PRINCE of play a goes by KING elsewhere
+    assert elsewhere[("b", "DUKE")] == 0
+
+    def task_names(corpus: SpeakerCorpus) -> set[str]:
+        return {task.rsplit(" (", 1)[0] for task in corpus.task_sizes()}
+
+    corpus = select_speakers(plays, n_tasks=5, min_docs=90)
+    assert task_names(corpus) == {"PRINCE", "LOVER", "DUKE", "CLOWN", "HERMIT"}
+    with pytest.raises(ValueError, match="only 5 candidate"):
+        select_speakers(plays, n_tasks=6, min_docs=90)
+    assert "FAT KNIGHT" in task_names(select_speakers(plays, n_tasks=6, max_speeches_elsewhere=None))
+    assert "FAT KNIGHT" in task_names(select_speakers(plays, n_tasks=6, max_speeches_elsewhere=10))
+    strict = select_speakers(plays, n_tasks=3, max_speeches_elsewhere=4)
+    assert task_names(strict) == {"DUKE", "CLOWN", "HERMIT"}
 
 
 @pytest.fixture(scope="module")
@@ -415,3 +457,17 @@ def test_real_corpus_selection(real_plays: dict[str, list[Speech]]) -> None:
     assert len(corpus.base_plays) >= 20
     assert sum(map(len, corpus.base_texts)) > 1_000_000
     assert select_speakers(dict(reversed(list(real_plays.items())))) == corpus
+
+    # The base LM never hears a task speaker: no task speaker's name, nor another
+    # name of the same person, has 10 or more speeches in any base play.
+    tasks = {(task.rsplit(" (", 1)[1].rstrip(")"), task.rsplit(" (", 1)[0]) for task in sizes}
+    names = {speaker for _, speaker in tasks}
+    names |= {CROSS_PLAY_NAMES.get(play, {}).get(speaker) for play, speaker in tasks} - {None}
+    for play in corpus.base_plays:
+        spoken = Counter(s.speaker for s in real_plays[play])
+        for base_speaker, n in list(spoken.items()):
+            other = CROSS_PLAY_NAMES.get(play, {}).get(base_speaker)
+            if other:
+                spoken[other] += n
+        assert all(spoken[name] < 10 for name in names), play
+    assert not {"FALSTAFF", "PRINCE HENRY", "KING HENRY V"} & {speaker for _, speaker in tasks}

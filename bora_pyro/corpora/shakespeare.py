@@ -34,7 +34,10 @@ in these files:
 Group speakers (``ALL``, ``BOTH``, ``Citizens``, ``GREMIO & TRANIO``) are kept
 as speeches but :func:`is_group_speaker` excludes them from task selection.
 :func:`select_speakers` picks the task speakers and the base plays (plays in
-which no task speaker speaks) for pretraining the base LM.
+which no task speaker speaks) for pretraining the base LM.  A speaker who also
+speaks in other plays (``FALSTAFF``; ``PRINCE HENRY``, who is ``KING HENRY V``
+elsewhere, see :data:`CROSS_PLAY_NAMES`) is never a task, so that the base LM
+has not seen a task speaker's voice.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "CROSS_PLAY_NAMES",
     "SPEAKER_ALIASES",
     "UNATTRIBUTED",
     "Speech",
@@ -56,6 +60,7 @@ __all__ = [
     "load_plays",
     "parse_play",
     "select_speakers",
+    "speeches_elsewhere",
 ]
 
 #: Per play (file stem): speaker-heading variant -> canonical speaker name.
@@ -83,6 +88,25 @@ SPEAKER_ALIASES: dict[str, dict[str, str]] = {
     "love-s-labours-lost": {"ARMADO": "DON ADRIANO DE ARMADO"},
     "measure-for-measure": {"DUKE": "DUKE VINCENTIO", "POMPHEY": "POMPEY"},
     "the-taming-of-the-shrew": {"KATARINA": "KATHARINA"},
+}
+
+#: Per play (file stem): canonical speaker -> the canonical name the same person
+#: has in other plays.  Unlike :data:`SPEAKER_ALIASES` this does not rename
+#: speeches; :func:`select_speakers` uses it only to find task candidates who
+#: speak elsewhere under another name.  Read both ways: ``PRINCE HENRY`` of
+#: 1 Henry IV is ``KING HENRY V`` of 2 Henry IV and Henry V, and ``KING HENRY V``
+#: of Henry V is also the ``PRINCE HENRY`` of 1 Henry IV.
+CROSS_PLAY_NAMES: dict[str, dict[str, str]] = {
+    "henry-iv-part-1": {
+        "PRINCE HENRY": "KING HENRY V",
+        "HOTSPUR": "HENRY PERCY",
+        "HOSTESS": "MISTRESS QUICKLY",
+    },
+    "henry-v": {"HOSTESS": "MISTRESS QUICKLY"},
+    "richard-ii": {"HENRY BOLINGBROKE": "KING HENRY IV"},
+    "henry-vi-part-2": {"RICHARD": "KING RICHARD III"},
+    "henry-vi-part-3": {"GLOUCESTER": "KING RICHARD III", "LADY GREY": "QUEEN ELIZABETH"},
+    "julius-caesar": {"ANTONY": "MARK ANTONY", "OCTAVIUS": "OCTAVIUS CAESAR"},
 }
 
 _GROUP_WORDS = frozenset({"ALL", "BOTH", "SOME", "OTHERS"})
@@ -330,6 +354,34 @@ def _task_id(play: str, speaker: str) -> str:
     return f"{speaker} ({play})"
 
 
+def _names(play: str, speaker: str) -> set[str]:
+    """The canonical names a play's speaker goes by across plays."""
+    other = CROSS_PLAY_NAMES.get(play, {}).get(speaker)
+    return {speaker} if other is None else {speaker, other}
+
+
+def speeches_elsewhere(plays: Mapping[str, list[Speech]]) -> dict[tuple[str, str], int]:
+    """For each (play, speaker): the most speeches (of any length) spoken under
+    one of the speaker's names (its own or from :data:`CROSS_PLAY_NAMES`) in any
+    single other play; 0 if none."""
+    per_play: dict[str, Counter[str]] = {}
+    for play, speeches in plays.items():
+        counts: Counter[str] = Counter()
+        for speaker, n in Counter(s.speaker for s in speeches).items():
+            for name in _names(play, speaker):
+                counts[name] += n
+        per_play[play] = counts
+    result: dict[tuple[str, str], int] = {}
+    for play, speeches in plays.items():
+        for speaker in {s.speaker for s in speeches}:
+            names = _names(play, speaker)
+            result[(play, speaker)] = max(
+                (per_play[other][name] for other in plays if other != play for name in names),
+                default=0,
+            )
+    return result
+
+
 def select_speakers(
     plays: Mapping[str, list[Speech]],
     n_tasks: int = 25,
@@ -339,11 +391,20 @@ def select_speakers(
     seed: int = 0,
     *,
     max_per_play: int | None = None,
+    max_speeches_elsewhere: int | None = 9,
 ) -> SpeakerCorpus:
     """Choose ``n_tasks`` play-characters as tasks, and the base plays.
 
     A candidate is a (play, speaker) pair, not a group speaker, with
-    ``min_docs``-``max_docs`` speeches of at least ``min_chars`` characters.
+    ``min_docs``-``max_docs`` speeches of at least ``min_chars`` characters,
+    and with at most ``max_speeches_elsewhere`` speeches (counted raw, of any
+    length, as the base corpus holds them all) in every other play under the
+    same canonical name or a name for the same person in
+    :data:`CROSS_PLAY_NAMES` (see :func:`speeches_elsewhere`).  So ``FALSTAFF``
+    of 1 Henry IV is no task (he speaks in 2 Henry IV and The Merry Wives), nor
+    is a speaker sharing a name with a different major character elsewhere
+    (``CLAUDIO`` of Much Ado, for Measure for Measure's).  ``None`` turns the
+    rule off.
     To leave many plays for the base corpus, candidates are pooled play by play
     (the play of the largest candidate first, then plays with the most
     candidates; ties broken by ``seed``) until the pool holds 1.5 x
@@ -360,8 +421,11 @@ def select_speakers(
             if len(speech.text) >= min_chars and not is_group_speaker(speech.speaker):
                 key = (play, speech.speaker)
                 sizes[key] = sizes.get(key, 0) + 1
+    elsewhere = speeches_elsewhere(plays) if max_speeches_elsewhere is not None else {}
     by_play: dict[str, list[tuple[str, str]]] = {}
     for key in sorted(sizes, key=lambda k: (k[0], -sizes[k], k[1])):
+        if max_speeches_elsewhere is not None and elsewhere[key] > max_speeches_elsewhere:
+            continue
         if min_docs <= sizes[key] <= max_docs and key[1] not in (*_SECTIONS, UNATTRIBUTED):
             if max_per_play is None or len(by_play.get(key[0], [])) < max_per_play:
                 by_play.setdefault(key[0], []).append(key)
