@@ -153,6 +153,19 @@ class MultiTaskLM(nn.Module):
         return self.model.device
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position embeddings allow (None: no such limit)."""
+        config = self.model.config
+        return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+    def check_max_length(self, max_length: int) -> None:
+        if self.max_positions is not None and max_length > self.max_positions:
+            raise ConfigError(
+                f"max_length {max_length} exceeds the model's context of {self.max_positions} tokens; "
+                f"use --max-length ≤ {self.max_positions}"
+            )
+
+    @property
     def num_adapter_params(self) -> int:
         """Parameters of one task's adapter (all modules, A and B)."""
         return sum(spec.num_params for spec in self.modules_spec)

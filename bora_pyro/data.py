@@ -18,6 +18,7 @@ import torch
 from .errors import DataError
 
 SPLITS = ("train", "validation", "test")
+LENGTH_GROUP_BATCHES = 32
 
 
 @dataclass
@@ -65,12 +66,26 @@ class DocumentSet:
     def batches(
         self, batch_size: int, pad_token_id: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
-        """Mixed-task batches over the whole set (the last one may be smaller)."""
+        """Mixed-task batches over the whole set (one may be smaller).
+
+        With ``shuffle``, documents are drawn in random order and, within windows of
+        ``LENGTH_GROUP_BATCHES`` batches, grouped by length (like HF's ``group_by_length``), so a
+        batch of short speeches is not padded to one long one; the batches then come in random order.
+        """
         if batch_size < 1:
             raise DataError(f"batch size must be ≥ 1, got {batch_size}")
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        for start in range(0, len(self), batch_size):
-            yield self.collate(order[start : start + batch_size].tolist(), pad_token_id)
+        if not shuffle:
+            groups = [list(range(start, min(start + batch_size, len(self)))) for start in range(0, len(self), batch_size)]
+        else:
+            order = torch.randperm(len(self), generator=generator).tolist()
+            window = batch_size * LENGTH_GROUP_BATCHES
+            groups = []
+            for start in range(0, len(order), window):
+                by_length = sorted(order[start : start + window], key=lambda i: len(self.documents[i]))
+                groups += [by_length[i : i + batch_size] for i in range(0, len(by_length), batch_size)]
+            groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        for doc_ids in groups:
+            yield self.collate(doc_ids, pad_token_id)
 
     def collate(self, doc_ids: Sequence[int], pad_token_id: int) -> Batch:
         length = max(len(self.documents[i]) for i in doc_ids)

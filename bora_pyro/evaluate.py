@@ -5,6 +5,7 @@ Perplexity = exp(total NLL / number of predicted tokens), per task and over all 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -23,16 +24,14 @@ def document_log_probs(
 
     ``factors`` are the [D, ...] factors of every task (``None``: the base model alone).
     """
-    log_probs, tokens = [], []
-    for batch in documents.batches(batch_size, pad_token_id):
-        batch = batch.to(lm.device)
-        if factors is None:
-            log_probs.append(lm.sequence_log_prob(batch.input_ids, batch.attention_mask))
-        else:
-            with lm.adapters(factors, batch.task_ids):
-                log_probs.append(lm.sequence_log_prob(batch.input_ids, batch.attention_mask))
-        tokens.append(batch.attention_mask.sum(-1) - 1)
-    return torch.cat(log_probs).cpu(), torch.cat(tokens).cpu()
+    log_probs, tokens = torch.zeros(len(documents)), torch.zeros(len(documents), dtype=torch.long)
+    by_length = sorted(range(len(documents)), key=lambda i: len(documents.documents[i]))  # little padding
+    for start in range(0, len(documents), batch_size):
+        batch = documents.collate(by_length[start : start + batch_size], pad_token_id).to(lm.device)
+        with contextlib.nullcontext() if factors is None else lm.adapters(factors, batch.task_ids):
+            log_probs[batch.doc_ids.cpu()] = lm.sequence_log_prob(batch.input_ids, batch.attention_mask).float().cpu()
+        tokens[batch.doc_ids.cpu()] = (batch.attention_mask.sum(-1) - 1).cpu()
+    return log_probs, tokens
 
 
 def perplexity_report(

@@ -89,7 +89,8 @@ def fit(
             non-empty validation split, otherwise the last parameters are kept.
         patience: stop after this many checks without improvement (None: never stop early).
         seed: seeds Pyro, torch and the batch order.
-        bf16: bf16 autocast of the forward pass (CUDA only); factors stay float32.
+        bf16: bf16 autocast of the forward pass (CUDA, or CPUs with bf16 support such as AMX);
+            factors, guide parameters and the likelihood's log-softmax stay float32.
         on_eval: called with (step, history entry) after every validation check.
     """
     if (steps is None) == (epochs is None):
@@ -101,8 +102,6 @@ def fit(
     if total_steps < 1:
         raise ConfigError(f"the fit must run at least one step, got steps={steps}, epochs={epochs}")
     device = model.lm.device
-    if bf16 and device.type != "cuda":
-        raise ConfigError("bf16 autocast needs a CUDA device; drop --bf16 or use --device cuda")
     eval_every = eval_every or steps_per_epoch
     validate = len(corpus.validation) > 0
 
@@ -111,7 +110,7 @@ def fit(
     batches = endless_batches(corpus, batch_size, generator)
     elbo = Trace_ELBO()
     traced_model = poutine.trace(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     _, first_batch = next(batches)
     with torch.no_grad(), autocast:

@@ -90,7 +90,9 @@ class MultiTaskLoRA(nn.Module):
             return result
         A = self.lora_A[self.row_tasks]  # [batch, r, in]
         B = self.lora_B[self.row_tasks]  # [batch, out, r]
-        flat = x.reshape(A.shape[0], -1, x.shape[-1]).to(A.dtype)  # [batch, tokens, in]
+        flat = x.reshape(A.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
+        if not torch.is_autocast_enabled(flat.device.type):
+            flat = flat.to(A.dtype)
         update = flat @ A.transpose(1, 2) @ B.transpose(1, 2)  # [batch, tokens, out]
         return result + (self.scaling * update).reshape(result.shape).to(result.dtype)
 

@@ -109,6 +109,7 @@ def build_lm(config: RunConfig) -> tuple[MultiTaskLM, object]:
     lm = MultiTaskLM.from_pretrained(
         config.model, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules
     )
+    lm.check_max_length(config.max_length)
     return lm.to(config.device), load_tokenizer(config.model)
 
 
