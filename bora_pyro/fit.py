@@ -50,6 +50,11 @@ def endless_batches(corpus: MultiTaskCorpus, batch_size: int, generator: torch.G
         epoch += 1
 
 
+def window_steps(step: int, eval_every: int) -> int:
+    """Steps since the last evaluation (the running averages' window)."""
+    return (step - 1) % eval_every + 1
+
+
 def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if not lr > 0 or not math.isfinite(lr):
         raise ConfigError(f"learning rate must be a positive number, got {lr}")
@@ -134,12 +139,15 @@ def fit(
         window_tokens += batch.num_predicted_tokens
         window_loss += float(loss.detach())
         result.steps = step
+        if progress and step % 10 == 0:
+            bar.set_postfix(elbo=f"{-window_loss / window_steps(step, eval_every):.4g}",
+                            train_ppl=f"{math.exp(-window_log_lik / max(window_tokens, 1)):.4g}", refresh=False)
 
         if step % eval_every == 0 or step == total_steps:
             entry = {
                 "step": step,
                 "epoch": step / steps_per_epoch,
-                "elbo": -window_loss / min(eval_every, step),
+                "elbo": -window_loss / window_steps(step, eval_every),
                 "train_perplexity": math.exp(-window_log_lik / max(window_tokens, 1)),
             }
             window_log_lik, window_tokens, window_loss = 0.0, 0, 0.0
