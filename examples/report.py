@@ -93,7 +93,7 @@ def tau_table(results: dict) -> list[str]:
     lines.append(f"| base model (no adapter) | {results['base_model']['perplexity']:.2f} | – | – | – |")
     mf = results.get("mean_field")
     if mf:
-            lines.append(f"| mean-field VI at τ={tau_symbol(mf['tau'])} | {mf['perplexity']:.2f} ± {mf['perplexity_std']:.2f} "
+        lines.append(f"| mean-field VI at τ={tau_symbol(mf['tau'])} | {mf['perplexity']:.2f} ± {mf['perplexity_std']:.2f} "
                      f"| {', '.join(f'{p:.2f}' for p in mf['seeds'])} | {mf['validation_perplexity']:.2f} | – |")
     learned = results.get("learned_tau")
     if learned:
