@@ -152,7 +152,8 @@ def fit(
             }
             window_log_lik, window_tokens, window_loss = 0.0, 0, 0.0
             if validate:
-                report = evaluate(model, guide, corpus, "validation")
+                with autocast:
+                    report = evaluate(model, guide, corpus, "validation")
                 entry["validation_perplexity"] = report["perplexity"]
                 if report["nll"] < best_nll:
                     best_nll, checks_without_gain, result.best_step = report["nll"], 0, step

@@ -33,7 +33,7 @@ from bora_pyro.models import BoRA, prior_from_tau
 from bora_pyro.pretrain import BaseModelConfig, load_info, pretrain_base
 from report import write_report  # examples/report.py: results.md and the plots
 
-FULL_TAUS = [0.0, 10.0, 100.0, 1e3, 1e4, 1e5, math.inf]
+FULL_TAUS = [0.0, 10.0, 100.0, 1e3, 1e4, math.inf]
 QUICK_TAUS = [0.0, 100.0, math.inf]
 PAPER = {0: 16.80, 1: 16.59, 10: 12.85, 100: 12.82, 1000: 13.26, 10000: 13.91}
 
@@ -51,9 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="use this hub model or folder as the base instead")
     parser.add_argument("--taus", type=float, nargs="+", default=None, help="τ grid (0 = independent, inf = joint)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2, quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="max SVI steps per fit (default 300, quick 24)")
+    parser.add_argument("--steps", type=int, default=None, help="max SVI steps per fit (default 250, quick 24)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="chosen on validation: 1e-3 beat 3e-3 at τ=1000")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--max-length", type=int, default=128)
@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.taus = args.taus or (QUICK_TAUS if args.quick else FULL_TAUS)
     args.seeds = args.seeds or (1 if args.quick else 2)
-    args.steps = args.steps or (24 if args.quick else 300)
+    args.steps = args.steps or (24 if args.quick else 250)
     args.out = Path(args.out or ("examples/results-quick" if args.quick else "examples/results"))
     return args
 
@@ -86,10 +86,10 @@ def run_fit(lm, corpus, tau: float, seed: int, args, guide_kind: str = "map") ->
     result = fit(model, guide, corpus, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                  eval_every=max(args.steps // 6, 1), patience=3, seed=seed, bf16=args.bf16, progress=False)
     test = evaluate(model, guide, corpus, "test")
-    validation = evaluate(model, guide, corpus, "validation")
     record = {
         "tau": tau_label(tau), "lr": args.lr, "seed": seed, "guide": guide_kind,
-        "perplexity": test["perplexity"], "validation_perplexity": validation["perplexity"],
+        "perplexity": test["perplexity"],
+        "validation_perplexity": min(entry["validation_perplexity"] for entry in result.history),
         "tasks": {name: t["perplexity"] for name, t in test["tasks"].items()},
         "best_step": result.best_step, "steps": result.steps, "seconds": round(time.time() - started, 1),
         "distances": factor_distances(model, guide),
