@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -66,6 +67,18 @@ def load_tokenizer(name_or_path: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 256) -> str:
+    """A short hash of a model's weights: every tensor's name, shape, dtype and a strided sample
+    of its values (cheap even for a 70B model, and changed by any retraining)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples_per_tensor)][:samples_per_tensor]
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def find_target_modules(model: PreTrainedModel, targets: Sequence[str] | None) -> list[str]:

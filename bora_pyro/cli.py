@@ -7,10 +7,17 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import BoRAError
+import datasets
+import transformers
+
+from .errors import BoRAError, ConfigError
 from .evaluate import evaluate, evaluate_base
+from .export import check_request, export_peft, export_peft_all, save_merged
 from .fit import fit
-from .run import GUIDES, PRIORS, RunConfig, build_lm, build_model, load_corpus, load_run, save_run
+from .run import (
+    GUIDES, PRIORS, RunConfig, build_lm, build_model, check_base_model, load_checkpoint, load_corpus, load_run,
+    read_config, save_checkpoint, save_config, save_run,
+)
 
 
 def scale_or_flat(text: str) -> float | None:
@@ -19,8 +26,9 @@ def scale_or_flat(text: str) -> float | None:
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RunConfig(model="")
-    parser.add_argument("--model", required=True, help="hub name or local folder of a causal LM")
-    parser.add_argument("--data", required=True, help="a .jsonl/.json/.csv file, one document per row")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument("--model", help="hub name or local folder of a causal LM")
+    parser.add_argument("--data", help="a .jsonl/.json/.csv file, one document per row")
     parser.add_argument("--task-field", default=defaults.task_field, help="column naming each row's task")
     parser.add_argument("--text-field", default=defaults.text_field, help="column holding each row's text")
     parser.add_argument("--prior", choices=PRIORS, default=defaults.prior)
@@ -40,7 +48,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=float, default=defaults.test_size)
     parser.add_argument("--validation-size", type=float, default=defaults.validation_size,
                         help="fraction of each task's training docs for early stopping")
-    length = parser.add_mutually_exclusive_group(required=True)
+    length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int)
     length.add_argument("--epochs", type=float)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -54,13 +62,19 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass (CUDA)")
-    parser.add_argument("--out", required=True, help="run directory to write")
+    parser.add_argument("--out", help="run directory to write (checkpointed at every validation check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run_fit(args: argparse.Namespace) -> dict:
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data), ("--out", args.out))
+               if value is None]
+    if args.steps is None and args.epochs is None:
+        missing.append("--steps or --epochs")
+    if missing:
+        raise ConfigError(f"fit needs {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
     lr = args.lr if args.lr_per_tau is None else args.lr_per_tau * args.tau
-    config = RunConfig(
+    return RunConfig(
         model=args.model, data=args.data, task_field=args.task_field, text_field=args.text_field,
         prior=args.prior, tau=args.tau, global_scale=args.global_scale, centered=args.centered,
         guide=args.guide, init_scale=args.init_scale, rank=args.rank, alpha=args.alpha,
@@ -69,24 +83,35 @@ def run_fit(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
         eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device, bf16=args.bf16,
     )
+
+
+def run_fit(args: argparse.Namespace) -> dict:
+    if args.resume:
+        run_dir, config = args.resume, read_config(args.resume)
+        resume = load_checkpoint(run_dir, device=config.device)
+    else:
+        config = config_from_args(args)
+        run_dir, resume = args.out, None
     config.validate()
     lm, tokenizer = build_lm(config)
+    check_base_model(config, lm)
     corpus = load_corpus(config, tokenizer)
     config.task_names = corpus.task_names
+    save_config(run_dir, config)
     model, guide = build_model(config, lm)
     result = fit(
         model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
         lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
         eval_every=config.eval_every, patience=config.patience, seed=config.seed, bf16=config.bf16,
-        progress=not args.quiet,
+        progress=not args.quiet, on_checkpoint=lambda state: save_checkpoint(run_dir, state), resume=resume,
     )
     metrics = {
         "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "history": result.history, "tasks": corpus.counts(),
         "test": evaluate(model, guide, corpus, "test"), "base_test": evaluate_base(lm, corpus, "test"),
     }
-    save_run(args.out, config, guide, metrics)
-    return {"run_dir": args.out, "test_perplexity": metrics["test"]["perplexity"],
+    save_run(run_dir, config, guide, metrics)
+    return {"run_dir": str(run_dir), "test_perplexity": metrics["test"]["perplexity"],
             "base_test_perplexity": metrics["base_test"]["perplexity"], "steps": result.steps}
 
 
@@ -104,6 +129,35 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     }
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", help="the task whose adapter to export")
+    which.add_argument("--global", dest="global_adapter", action="store_true", help="the global adapter Θ")
+    which.add_argument("--all-tasks", action="store_true",
+                       help="every task's adapter (and the global one), --format peft only")
+    parser.add_argument("--format", choices=("peft", "merged"), default="peft",
+                        help="peft: a LoRA adapter folder; merged: the base model with the adapter merged in")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--device", default="cpu", help="device to load the run on")
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    if args.all_tasks and args.format != "peft":
+        raise ConfigError("--all-tasks writes peft adapters only; use --format peft")
+    task = None if args.global_adapter or args.all_tasks else args.task
+    if not args.all_tasks:
+        check_request(read_config(args.run_dir), task)  # fail before loading the model
+    run = load_run(args.run_dir, device=args.device)
+    if args.all_tasks:
+        out = export_peft_all(run, args.out)
+    elif args.format == "peft":
+        out = export_peft(run, args.out, task)
+    else:
+        out = save_merged(run, args.out, task)
+    return {"out": str(out), "format": args.format, "task": "all" if args.all_tasks else task}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bora-pyro", description="Bayesian hierarchical LoRA for multi-task LMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,9 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate_parser.add_argument("--data", help="score every document of this file instead of the run's test split")
     evaluate_parser.add_argument("--batch-size", type=int, default=16)
     evaluate_parser.add_argument("--device", default=None)
+    add_export_arguments(commands.add_parser("export", help="write a task's adapter as a peft adapter or a merged model"))
     args = parser.parse_args(argv)
+    # the CLI prints JSON on stdout and one line per error on stderr: no loading progress bars
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     try:
-        output = run_fit(args) if args.command == "fit" else run_evaluate(args)
+        output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export}[args.command](args)
     except BoRAError as error:
         print(f"bora-pyro {args.command}: error: {error}", file=sys.stderr)
         return 2

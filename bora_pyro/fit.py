@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -41,13 +43,58 @@ def paper_lr(tau: float, lr_at_tau_1: float = 1e-5) -> float:
     return lr_at_tau_1 * tau
 
 
-def endless_batches(corpus: MultiTaskCorpus, batch_size: int, generator: torch.Generator) -> Iterator[tuple[int, Batch]]:
-    """(epoch, batch) over reshuffled passes of the training split, forever."""
-    epoch = 0
-    while True:
-        for batch in corpus.train.batches(batch_size, corpus.pad_token_id, shuffle=True, generator=generator):
-            yield epoch, batch
-        epoch += 1
+class BatchStream:
+    """Reshuffled passes over the training split, forever, that can be saved and resumed exactly.
+
+    Its state is the epoch, the position within it and the shuffling generator's state at the
+    epoch's start: restoring it replays the same epoch order and skips the batches already seen.
+    """
+
+    def __init__(self, corpus: MultiTaskCorpus, batch_size: int, seed: int):
+        self.corpus, self.batch_size = corpus, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.position = 0, 0
+        self.epoch_start = self.generator.get_state()
+        self.epoch_batches: list[Batch] | None = None
+
+    def __next__(self) -> Batch:
+        if self.epoch_batches is None:
+            self.generator.set_state(self.epoch_start)
+            self.epoch_batches = list(self.corpus.train.batches(
+                self.batch_size, self.corpus.pad_token_id, shuffle=True, generator=self.generator))
+        if self.position == len(self.epoch_batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch_start, self.epoch_batches = self.generator.get_state(), None
+            return next(self)
+        self.position += 1
+        return self.epoch_batches[self.position - 1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "epoch_start": self.epoch_start.clone()}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.epoch_start, self.epoch_batches = state["epoch_start"].clone(), None
+
+
+@dataclass
+class TrainState:
+    """Everything a fit needs to continue exactly where it stopped (written at every check).
+
+    ``guide``/``best_guide``/``optimizer`` are state dicts; ``rng`` holds torch's, Python's and
+    NumPy's generator states; ``batches`` the :class:`BatchStream` state.
+    """
+
+    step: int
+    guide: dict
+    optimizer: dict
+    rng: dict
+    batches: dict
+    best_guide: dict | None
+    best_nll: float
+    best_step: int
+    checks_without_gain: int
+    history: list[dict]
 
 
 def window_steps(step: int, eval_every: int) -> int:
@@ -81,7 +128,8 @@ def fit(
     seed: int = 0,
     bf16: bool = False,
     progress: bool = True,
-    on_eval: Callable[[int, dict], None] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    resume: TrainState | None = None,
 ) -> FitResult:
     """Fit ``guide`` to ``model`` by SVI on ``corpus.train``.
 
@@ -96,7 +144,9 @@ def fit(
         seed: seeds Pyro, torch and the batch order.
         bf16: bf16 autocast of the forward pass (CUDA, or CPUs with bf16 support such as AMX);
             factors, guide parameters and the likelihood's log-softmax stay float32.
-        on_eval: called with (step, history entry) after every validation check.
+        on_checkpoint: called with the :class:`TrainState` after every check (e.g. to save it).
+        resume: a saved :class:`TrainState` to continue from; with the same arguments the fit then
+            ends with the same parameters, bit for bit on CPU, as one that was never stopped.
     """
     if (steps is None) == (epochs is None):
         raise ConfigError("give exactly one of steps and epochs")
@@ -111,24 +161,28 @@ def fit(
     validate = len(corpus.validation) > 0
 
     pyro.set_rng_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    batches = endless_batches(corpus, batch_size, generator)
+    batches = BatchStream(corpus, batch_size, seed)
     elbo = Trace_ELBO()
     traced_model = poutine.trace(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    _, first_batch = next(batches)
     with torch.no_grad(), autocast:
-        guide(first_batch.to(device))  # creates the guide's parameters
+        guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
     optim = make_optimizer(optimizer, [p for p in guide.parameters() if p.requires_grad], lr, weight_decay)
 
     result = FitResult(steps=0, best_step=0, stopped_early=False)
     best_nll, best_state, checks_without_gain = math.inf, None, 0
+    if resume is not None:
+        guide.load_state_dict(resume.guide)
+        optim.load_state_dict(resume.optimizer)
+        set_rng_state(resume.rng)
+        batches.restore(resume.batches)
+        result.steps, result.best_step, result.history = resume.step, resume.best_step, list(resume.history)
+        best_nll, best_state, checks_without_gain = resume.best_nll, resume.best_guide, resume.checks_without_gain
     window_log_lik, window_tokens, window_loss = 0.0, 0, 0.0
-    bar = tqdm(range(1, total_steps + 1), desc="fit", disable=not progress, dynamic_ncols=True)
-    batch = first_batch
+    bar = tqdm(range(result.steps + 1, total_steps + 1), desc="fit", disable=not progress, dynamic_ncols=True,
+               initial=result.steps, total=total_steps)
     for step in bar:
-        batch = batch.to(device)
+        batch = next(batches).to(device)
         with autocast:
             loss = elbo.differentiable_loss(traced_model, guide, batch)
         optim.zero_grad(set_to_none=True)
@@ -162,15 +216,29 @@ def fit(
                     checks_without_gain += 1
             result.history.append(entry)
             bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k not in ("step", "epoch")})
-            if on_eval is not None:
-                on_eval(step, entry)
+            if on_checkpoint is not None:
+                on_checkpoint(TrainState(
+                    step=step, guide=guide.state_dict(), optimizer=optim.state_dict(), rng=get_rng_state(),
+                    batches=batches.state(), best_guide=best_state, best_nll=best_nll,
+                    best_step=result.best_step, checks_without_gain=checks_without_gain, history=result.history,
+                ))
             if patience is not None and checks_without_gain >= patience:
                 result.stopped_early = True
                 break
-        _, batch = next(batches)
     bar.close()
     if best_state is not None:
         guide.load_state_dict(best_state)
     else:
         result.best_step = result.steps
     return result
+
+
+def get_rng_state() -> dict:
+    """torch's, Python's and NumPy's global generator states (what ``pyro.set_rng_seed`` seeds)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])

@@ -21,13 +21,15 @@ import torch
 import transformers
 
 from . import __version__
-from .adapted_lm import MultiTaskLM, load_tokenizer
+from .adapted_lm import MultiTaskLM, load_tokenizer, weights_fingerprint
 from .data import Batch, MultiTaskCorpus
 from .errors import CheckpointError, ConfigError
+from .fit import TrainState
 from .guides import map_guide, mean_field_guide
 from .models import BoRA, HierarchicalNormal, Independent, Joint
 
 CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 PRIORS = ("hierarchical", "independent", "joint")
 GUIDES = ("map", "mean-field")
 
@@ -64,6 +66,7 @@ class RunConfig:
     device: str = "cpu"
     bf16: bool = False
     task_names: list[str] = field(default_factory=list)
+    base_fingerprint: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -152,14 +155,48 @@ def write_json(path: Path, values: dict) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(values, indent=2) + "\n"))
 
 
-def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None) -> Path:
-    """Write config, guide parameters and metrics into ``run_dir`` (created if needed)."""
+def save_config(run_dir: str | Path, config: RunConfig) -> Path:
+    """Write ``config.json`` (with the library versions) into ``run_dir``, created if needed."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.versions = versions()
+    write_json(run_dir / CONFIG_FILE, config.to_json())
+    return run_dir
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    """The :class:`RunConfig` of a run directory, refused if a newer major version wrote it."""
+    config_path = Path(run_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory: it has no {CONFIG_FILE}")
+    try:
+        config = RunConfig.from_json(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{config_path} is not a valid run config ({error})") from None
+    saved = config.versions.get("bora_pyro", __version__)
+    if saved.split(".")[0] != __version__.split(".")[0]:
+        raise CheckpointError(
+            f"{run_dir} was written by bora-pyro {saved}; this is {__version__}: load it with that major version"
+        )
+    return config
+
+
+def check_base_model(config: RunConfig, lm: MultiTaskLM) -> None:
+    """Refuse a run whose base model's weights differ from the ones it was fitted on."""
+    found = weights_fingerprint(lm.model)
+    if config.base_fingerprint is not None and config.base_fingerprint != found:
+        raise CheckpointError(
+            f"the run was fitted on a different base model (weights fingerprint {config.base_fingerprint}, "
+            f"{config.model!r} now has {found}); load it with the base model it was fitted on"
+        )
+    config.base_fingerprint = found
+
+
+def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None) -> Path:
+    """Write config, guide parameters and metrics into ``run_dir`` (created if needed)."""
+    run_dir = save_config(run_dir, config)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in guide.state_dict().items()}
     atomic_write(run_dir / GUIDE_FILE, lambda temp: safetensors.torch.save_file(state, temp))
-    write_json(run_dir / CONFIG_FILE, config.to_json())
     if metrics is not None:
         write_json(run_dir / METRICS_FILE, metrics)
     return run_dir
@@ -193,30 +230,82 @@ def init_guide(guide, lm: MultiTaskLM, eos_token_id: int) -> None:
 def load_run(run_dir: str | Path, device: str | None = None) -> Run:
     """Rebuild a fitted run from its directory (on ``device``, default the run's)."""
     run_dir = Path(run_dir)
-    config_path, guide_path = run_dir / CONFIG_FILE, run_dir / GUIDE_FILE
-    if not config_path.is_file() or not guide_path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} is not a run directory: it needs {CONFIG_FILE} and {GUIDE_FILE}")
-    try:
-        config = RunConfig.from_json(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as error:
-        raise CheckpointError(f"{config_path} is not a valid run config ({error})") from None
-    saved_major = config.versions.get("bora_pyro", __version__).split(".")[0]
-    if saved_major != __version__.split(".")[0]:
-        raise CheckpointError(
-            f"{run_dir} was written by bora-pyro {config.versions['bora_pyro']}; this is {__version__}: "
-            "load it with that major version"
-        )
+    config = read_config(run_dir)
     if device is not None:
         config.device = device
     lm, tokenizer = build_lm(config)
+    check_base_model(config, lm)
     model, guide = build_model(config, lm)
     init_guide(guide, lm, tokenizer.eos_token_id)
-    try:
-        state = safetensors.torch.load_file(str(guide_path), device=str(lm.device))
-    except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read {guide_path}: {str(error).splitlines()[0]}; the file is truncated or corrupt") from None
-    try:
-        guide.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{guide_path} does not match the model in {CONFIG_FILE}: {str(error).splitlines()[0]}") from None
+    guide.load_state_dict(read_tensors(run_dir / GUIDE_FILE, lm.device)[0])
     return Run(config, lm, tokenizer, model, guide)
+
+
+def read_tensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with a one-line error for a missing or corrupt one."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the run directory is incomplete")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as file:
+            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}; the file is truncated or corrupt") from None
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState) -> None:
+    """Write a :class:`~bora_pyro.fit.TrainState` as one safetensors file, atomically: tensors
+    under prefixes, everything else as JSON metadata. A crash mid-save leaves the previous one."""
+    tensors = {f"guide.{k}": v for k, v in state.guide.items()}
+    tensors |= {f"best.{k}": v for k, v in (state.best_guide or {}).items()}
+    optimizer_state = {}
+    for index, values in state.optimizer["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                optimizer_state.setdefault(str(index), {})[name] = value
+    numpy_state = state.rng["numpy"]
+    tensors["rng.torch"] = state.rng["torch"]
+    tensors["rng.numpy"] = torch.from_numpy(numpy_state[1].astype("int64"))
+    tensors["batches.epoch_start"] = state.batches["epoch_start"]
+    metadata = {
+        "step": state.step, "best_nll": state.best_nll, "best_step": state.best_step,
+        "checks_without_gain": state.checks_without_gain, "history": state.history,
+        "has_best": state.best_guide is not None,
+        "optimizer": {"param_groups": state.optimizer["param_groups"], "scalars": optimizer_state},
+        "rng": {"python": state.rng["python"], "numpy": [numpy_state[0], *numpy_state[2:]]},
+        "batches": {"epoch": state.batches["epoch"], "position": state.batches["position"]},
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(run_dir) / CHECKPOINT_FILE,
+                 lambda temp: safetensors.torch.save_file(tensors, temp, metadata={"train_state": json.dumps(metadata)}))
+
+
+def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> TrainState:
+    """The :class:`~bora_pyro.fit.TrainState` saved by :func:`save_checkpoint`."""
+    tensors, metadata = read_tensors(Path(run_dir) / CHECKPOINT_FILE)
+    meta = json.loads(metadata["train_state"])
+
+    def prefixed(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    optimizer_state: dict[int, dict] = {}
+    for key, value in prefixed("optimizer.").items():
+        index, name = key.split(".", 1)
+        optimizer_state.setdefault(int(index), {})[name] = value
+    for index, scalars in meta["optimizer"]["scalars"].items():
+        optimizer_state.setdefault(int(index), {}).update(scalars)
+    numpy_name, *numpy_rest = meta["rng"]["numpy"]
+    version, internal, gauss = meta["rng"]["python"]
+    return TrainState(
+        step=meta["step"],
+        guide={k: v.to(device) for k, v in prefixed("guide.").items()},
+        optimizer={"state": optimizer_state, "param_groups": meta["optimizer"]["param_groups"]},
+        rng={"torch": tensors["rng.torch"], "python": (version, tuple(internal), gauss),
+             "numpy": (numpy_name, tensors["rng.numpy"].numpy().astype("uint32"), *numpy_rest)},
+        batches={**meta["batches"], "epoch_start": tensors["batches.epoch_start"]},
+        best_guide={k: v.to(device) for k, v in prefixed("best.").items()} if meta["has_best"] else None,
+        best_nll=meta["best_nll"], best_step=meta["best_step"],
+        checks_without_gain=meta["checks_without_gain"], history=meta["history"],
+    )

@@ -87,7 +87,8 @@ def test_cli_fit_then_evaluate(gpt2_dir, synthetic_jsonl, tmp_path, capsys):
             "--seed", "1", "--device", "cpu", "--out", str(run_dir), "--quiet"]
     assert main(args) == 0
     fit_output = json.loads(capsys.readouterr().out)
-    assert {path.name for path in run_dir.iterdir()} == {"config.json", "guide.safetensors", "metrics.json"}
+    assert {path.name for path in run_dir.iterdir()} == {"config.json", "guide.safetensors", "metrics.json",
+                                                        "checkpoint.safetensors"}
     assert main(["evaluate", str(run_dir)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"perplexity", "tokens", "tasks"}
