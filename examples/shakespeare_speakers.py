@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         "tasks": {name: {"train_docs": c["train_docs"], "validation_docs": c["validation_docs"],
                          "test_docs": c["test_docs"]} for name, c in counts.items()},
         "runs": runs + mean_field_runs,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
+        "settings": vars(args) | {"out": str(args.out), "taus": [tau_label(tau) for tau in args.taus]},
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python examples/shakespeare_speakers.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
