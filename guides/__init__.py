@@ -2,31 +2,42 @@
 
 - :func:`map_guide`: ``AutoDelta``, a point estimate of every site — the paper's MAP estimator.
 - :func:`mean_field_guide`: ``AutoNormal``, a diagonal Normal over every site.
+- :func:`hybrid_guide`: MAP for the global factors Θ, a diagonal Normal over everything else
+  (task factors, latent τ): empirical Bayes for Θ, VI for the tasks and hyperparameters.
 
-Both start like LoRA (:class:`LoRAInit`): every ``lora_A`` at peft's kaiming-uniform draw, every
+All start like LoRA (:class:`LoRAInit`): every ``lora_A`` at peft's kaiming-uniform draw, every
 ``lora_B`` at 0 and every task at the global value, so the adapted model starts as the base
 model. (AutoNormal's default loc 0 for both A and B is LoRA's saddle point and never learns.)
 Fit them with ``Trace_ELBO``.
+
+A learned τ needs a guide with spread over the task factors: MAP over τ together with the task
+factors is degenerate, the log-density ``Σ_d log Normal(θ_d; Θ, τ^{-1/2})`` grows without bound
+as τ → ∞ and every θ_d collapses onto Θ. :func:`map_guide` therefore refuses a prior with
+hyperparameter sites (see the prior contract in :mod:`bora_pyro.models.priors`); use
+:func:`hybrid_guide` or :func:`mean_field_guide`.
 """
 
 from __future__ import annotations
 
 import torch
-from pyro.infer.autoguide import AutoDelta, AutoNormal
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro import poutine
+from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 
 from bora_pyro.errors import ConfigError
 from bora_pyro.lora import kaiming_uniform_A
+from bora_pyro.models.priors import hyperparameter_sites, is_factor_site
 
-__all__ = ["LoRAInit", "map_guide", "mean_field_guide"]
+__all__ = ["LoRAInit", "hybrid_guide", "map_guide", "mean_field_guide", "param_groups"]
 
 
 class LoRAInit:
     """An ``init_loc_fn`` that starts the factors like LoRA.
 
     Sites named ``<level>.<module>.lora_A`` get one kaiming-uniform draw [r, in] per module, shared
-    by the global site and every task (broadcast over the tasks plate); sites ending in ``lora_B``
-    or ``_offset`` start at 0. Any other site (e.g. a latent τ) falls back to ``fallback``.
+    by the global site and every task (broadcast over the tasks plate); sites ending in ``lora_B``,
+    ``_offset`` or ``_decentered`` start at 0. Any other site (a hyperparameter, e.g. a latent τ)
+    falls back to ``fallback``.
     """
 
     def __init__(self, seed: int = 0, fallback=init_to_median):
@@ -36,10 +47,10 @@ class LoRAInit:
 
     def __call__(self, site: dict) -> torch.Tensor:
         name = site["name"]
-        if not (name.endswith("lora_A") or name.endswith("lora_B") or name.endswith("_offset")):
+        if not is_factor_site(name):
             return self.fallback(site)
         value = site["fn"].sample().detach()  # only for its shape, dtype and device
-        if name.endswith("lora_B") or name.endswith("_offset"):
+        if not name.endswith("lora_A"):
             return torch.zeros_like(value)
         module = name.split(".", 1)[1].rsplit(".", 1)[0]
         if module not in self.draws:
@@ -48,16 +59,72 @@ class LoRAInit:
 
 
 def map_guide(model, seed: int = 0) -> AutoDelta:
-    """The paper's MAP estimator: a point mass at every site, started like LoRA."""
+    """The paper's MAP estimator: a point mass at every site, started like LoRA.
+
+    Refused (:class:`~bora_pyro.errors.ConfigError`) when the prior of the BoRA ``model`` has
+    hyperparameter sites such as a latent τ: their MAP with the task factors is degenerate.
+    """
+    hyperparameters = hyperparameter_sites(model.prior, model.lm.modules_spec, model.tasks_plate())
+    if hyperparameters:
+        raise ConfigError(
+            f"map_guide cannot fit the latent {', '.join(hyperparameters)} of {model.prior!r}: MAP over τ and the "
+            "task factors is degenerate (τ → ∞, every task collapses onto Θ); use hybrid_guide or "
+            "mean_field_guide (--guide hybrid|mean-field), or fix τ"
+        )
     return AutoDelta(model, init_loc_fn=LoRAInit(seed))
+
+
+def check_init_scale(init_scale: float) -> None:
+    if not init_scale > 0:
+        raise ConfigError(f"init_scale must be > 0, got {init_scale}")
 
 
 def mean_field_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoNormal:
     """A mean-field Normal over every site, started like LoRA with standard deviation ``init_scale``.
 
     Start small: measured on a GPT-2-small shape, ``init_scale=0.1`` moves the logits by ~140 %
-    at init, 1e-2 by ~35 %, 1e-3 by ~3 %.
+    at init, 1e-2 by ~35 %, 1e-3 by ~3 %. A latent τ starts at its hyperprior's median.
     """
-    if not init_scale > 0:
-        raise ConfigError(f"init_scale must be > 0, got {init_scale}")
+    check_init_scale(init_scale)
     return AutoNormal(model, init_loc_fn=LoRAInit(seed), init_scale=init_scale)
+
+
+def is_global(msg: dict) -> bool:
+    """A sample site of the global factors Θ (``global.*``)."""
+    return msg["type"] == "sample" and msg["name"].startswith("global.")
+
+
+def hybrid_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoGuideList:
+    """MAP (``AutoDelta``) for the global factors Θ, mean-field (``AutoNormal``) for every other
+    site: the task factors and any hyperparameter such as a latent τ.
+
+    The guide to learn τ with when Θ is wanted as a point (the paper's estimate): its ELBO keeps
+    the entropy of the task factors, which stops the collapse a MAP over τ would suffer. Started
+    like LoRA; ``init_scale`` as in :func:`mean_field_guide`.
+    """
+    check_init_scale(init_scale)
+    init = LoRAInit(seed)  # one instance: both parts start from the same kaiming draws
+    guide = AutoGuideList(model)
+    guide.append(AutoDelta(poutine.block(model, expose_fn=is_global), init_loc_fn=init))
+    # the inner InitMessenger starts the hidden Θ too, so that task sites defined relative to Θ
+    # (offsets, LocScaleReparam) start at Θ's starting value
+    guide.append(AutoNormal(poutine.block(InitMessenger(init)(model), hide_fn=is_global),
+                            init_loc_fn=init, init_scale=init_scale))
+    return guide
+
+
+def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
+    """The guide's parameters as two torch optimizer groups: the locations of the factor sites at
+    ``lr``; the rest at ``log_scale_lr``: the variational scales (stored as softplus⁻¹ σ ≈ log σ)
+    and every parameter of a hyperparameter site (a latent τ: the loc and scale of log τ).
+
+    Adam moves a parameter by about lr per step. 1e-3 suits LoRA factors, but a log-scale
+    parameter then moves by 0.25 in 250 steps: a learned τ barely leaves its start, and the
+    mean-field scales stay at ``init_scale``, where they bias τ (up for centred task factors, down
+    for ``LocScaleReparam``). Give those ~0.05: ``torch.optim.Adam(param_groups(guide, 1e-3, 0.05))``.
+    """
+    locations, log_scales = [], []
+    for name, parameter in guide.named_parameters():
+        is_location = is_factor_site(name.removesuffix("_unconstrained")) and ".scales." not in f".{name}"
+        (locations if is_location else log_scales).append(parameter)
+    return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]

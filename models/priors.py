@@ -2,45 +2,85 @@
 
 The prior contract
 ------------------
-A prior is any callable ``prior(modules, tasks) -> factors``:
+A prior is any callable ``prior(modules, tasks) -> factors``. It receives
 
-- ``modules``: the adapted modules, a sequence of :class:`~bora_pyro.lora.AdaptedModule`
-  (``.name``, ``.shape_A`` = (r, in), ``.shape_B`` = (out, r), ``.rank``).
-- ``tasks``: the ``pyro.plate("tasks", D)``; sites of per-task factors go inside it.
-- it emits Pyro sample sites named ``global.<module>.lora_A|lora_B`` (the global factors Θ) and
-  ``task.<module>.lora_A|lora_B`` (the task factors θ_d, batch shape [D]) — or whatever it needs,
-  e.g. ``task.<module>.lora_A_offset`` for non-centred offsets, or latent precisions; guides
-  initialise every site whose name ends in ``lora_A`` like LoRA's A, and sites ending in ``lora_B``
-  or ``_offset`` at zero.
-- it returns ``{module name: (lora_A [D, r, in], lora_B [D, out, r])}``, the factors each task
-  uses in the likelihood.
+- ``modules``: the adapted modules, a sequence of :class:`~bora_pyro.lora.AdaptedModule` with
+  ``.name``, ``.rank``, ``.shape_A`` = (r, in) and ``.shape_B`` = (out, r);
+- ``tasks``: the ``pyro.plate("tasks", D)``; per-task sites go inside it, and ``tasks.device``
+  is the model's device: create every tensor there, in float32.
 
-Create tensors on ``tasks.device`` (the model's device), in float32. A user's prior is a function
-of ~20 lines in their own file.
+It samples its latent sites and returns ``{module name: (lora_A [D, r, in], lora_B [D, out, r])}``,
+the factors each task uses in the likelihood. Site names tell the guides what a site is:
 
-The shipped priors: :class:`HierarchicalNormal` (the paper's), :class:`Independent` (τ → 0) and
-:class:`Joint` (τ → ∞); :func:`prior_from_tau` picks among them from τ alone.
+- ``global.<module>.lora_A|lora_B``: shared factors Θ, [r, in] / [out, r];
+- ``task.<module>.lora_A|lora_B``: the task factors θ_d, batch shape [D] from the plate;
+- any other site whose name ends in ``lora_A``/``lora_B``, optionally followed by ``_offset`` or
+  ``_decentered``, also holds factors (e.g. offsets θ_d − Θ, or cluster centres
+  ``cluster.<module>.lora_A``); guides start ``lora_A`` sites at peft's kaiming-uniform draw and
+  ``lora_B``/``_offset`` sites at 0, so the adapted model starts as the base model;
+- every other latent site is a *hyperparameter*: a precision ``tau`` / ``tau.<group>``, a degrees
+  of freedom, a mixing weight. A point estimate of a precision together with the factors it
+  governs is degenerate (the density grows without bound as τ → ∞ and every task collapses onto
+  Θ), so :func:`~bora_pyro.guides.map_guide` refuses priors with hyperparameters; fit them with
+  :func:`~bora_pyro.guides.hybrid_guide` or :func:`~bora_pyro.guides.mean_field_guide`.
+
+A user's prior is a ~20-line function or class in their own file, with no edit to the library
+(``examples/custom_prior.py`` fits one end to end). Tasks that differ in A only, with a learned τ::
+
+    def shared_b_prior(modules, tasks):
+        tau = pyro.sample("tau", dist.LogNormal(torch.tensor(4.6, device=tasks.device), 1.5))
+        factors = {}
+        for m in modules:
+            zeros_A = torch.zeros(m.shape_A, device=tasks.device)
+            zeros_B = torch.zeros(m.shape_B, device=tasks.device)
+            A = pyro.sample(f"global.{m.name}.lora_A", dist.Normal(zeros_A, 1.0).to_event(2))
+            B = pyro.sample(f"global.{m.name}.lora_B", dist.Normal(zeros_B, 1.0).to_event(2))
+            with tasks:
+                A_d = pyro.sample(f"task.{m.name}.lora_A", dist.Normal(A, tau**-0.5).to_event(2))
+            factors[m.name] = (A_d, B.expand(tasks.size, *m.shape_B))
+        return factors
+
+    model = BoRA(lm, shared_b_prior, corpus.num_tasks)   # fit with hybrid_guide(model)
+
+Shipped priors: :class:`HierarchicalNormal` (the paper's, with τ fixed or learned, per group),
+:class:`HierarchicalStudentT` (heavy-tailed task deviations), :class:`Independent` (τ → 0) and
+:class:`Joint` (τ → ∞); :func:`prior_from_tau` picks among them from τ alone. :class:`Precision`
+is the τ part on its own, for reuse in your priors.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from pyro.infer.reparam import LocScaleReparam
+from pyro.poutine.util import site_is_subsample
 
 from bora_pyro.errors import ConfigError
 from bora_pyro.lora import AdaptedModule
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 FACTORS = ("lora_A", "lora_B")
+TauValue = Union[float, torch.distributions.Distribution]
+TauGroup = Callable[[AdaptedModule, str], str]
 
 
 def site_name(level: str, module: str, factor: str) -> str:
     """``"global"|"task"``, module name, ``"lora_A"|"lora_B"`` → the sample site's name."""
     return f"{level}.{module}.{factor}"
+
+
+def is_factor_site(name: str) -> bool:
+    """Whether a site holds LoRA factors (see the contract): ``…lora_A|lora_B[_offset|_decentered]``."""
+    return re.search(r"lora_[AB](_offset|_decentered)?$", name) is not None
 
 
 def factor_shape(module: AdaptedModule, factor: str) -> tuple[int, int]:
@@ -66,45 +106,227 @@ def check_scale(name: str, value: float | None, allow_none: bool = True) -> None
         raise ConfigError(f"{name} must be a positive finite number{' or None (flat)' if allow_none else ''}, got {value!r}")
 
 
-class HierarchicalNormal:
-    """The paper's prior: ``θ_d ~ Normal(Θ, τ^{-1/2})`` for every task d, with Θ flat or weak.
+def on_device(fn: torch.distributions.Distribution, device: torch.device) -> torch.distributions.Distribution:
+    """``fn`` rebuilt with its parameters on ``device`` (distributions have no ``.to``)."""
+    return type(fn)(**{name: getattr(fn, name).to(device) for name in fn.arg_constraints})
+
+
+def describe(value: TauValue) -> str:
+    """``LogNormal(loc=4.6, scale=1.5)`` for a distribution (its own repr may omit the parameters)."""
+    if not isinstance(value, torch.distributions.Distribution):
+        return f"{value:g}"
+    return f"{type(value).__name__}({', '.join(f'{k}={float(getattr(value, k)):g}' for k in value.arg_constraints)})"
+
+
+def check_tau(value: object) -> None:
+    """A τ is a positive float, ``math.inf`` (tasks share Θ) or a scalar distribution on (0, ∞)."""
+    if isinstance(value, torch.distributions.Distribution):
+        support = value.support
+        positive = isinstance(support, (constraints.greater_than, constraints.greater_than_eq)) and float(support.lower_bound) == 0
+        if not positive or value.batch_shape or value.event_shape:
+            raise ConfigError(f"a hyperprior of tau must be a scalar distribution on (0, ∞) such as "
+                              f"Gamma or LogNormal, got {value}")
+        try:
+            on_device(value, torch.device("cpu"))
+        except (AttributeError, TypeError):
+            raise ConfigError(f"cannot rebuild {type(value).__name__} from its arg_constraints; use Gamma or LogNormal") from None
+    elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and not math.isnan(value)):
+        raise ConfigError(f"tau must be a positive finite number, math.inf (tasks share the global factors) "
+                          f"or a pyro distribution over (0, ∞), got {value!r}")
+
+
+def layer_of(module_name: str) -> str:
+    """The module's path up to its first numeric component: ``transformer.h.3.attn.c_attn`` →
+    ``transformer.h.3`` (the module's own name when it has none)."""
+    match = re.match(r"(.*?\.\d+)(?:\.|$)", module_name)
+    return match.group(1) if match else module_name
+
+
+TAU_GROUPS: dict[str, TauGroup] = {
+    "all": lambda module, factor: "",
+    "layer": lambda module, factor: layer_of(module.name),
+    "module": lambda module, factor: module.name,
+    "factor": lambda module, factor: factor[-1],
+    "module-factor": lambda module, factor: f"{module.name}.{factor[-1]}",
+}
+
+
+def tau_site(group: str) -> str:
+    """The site of a group's precision: ``tau`` for the one shared group ``""``, else ``tau.<group>``."""
+    return f"tau.{group}" if group else "tau"
+
+
+class Precision:
+    """The precisions τ of the task factors: one per group of (module, factor), each fixed or latent.
 
     Args:
-        tau: precision τ > 0 of the task factors around the global ones.
-        global_scale: prior scale of Θ: ``Normal(0, global_scale)``; ``None`` is the paper's flat
-            ``p(Θ) ∝ 1``. The default 1.0 is weak next to LoRA factors (entries ~1/sqrt(in)); keep
-            it for mean-field VI, where a flat Θ leaves the A→cA, B→B/c direction unpinned and the
-            posterior improper.
-        centered: ``False`` samples offsets ``δ_d = θ_d − Θ ~ Normal(0, τ^{-1/2})`` at sites
-            ``task.<m>.lora_A_offset`` instead of θ_d itself; the same model, but Θ then moves every
-            task at once, so one learning rate serves every τ.
+        tau: the precision of every group: a float, ``math.inf`` (the group's task factors are the
+            global ones) or a hyperprior, a scalar distribution over (0, ∞) such as
+            ``dist.Gamma(2.0, 0.02)`` or ``dist.LogNormal(4.6, 1.5)``; each group then has its own
+            latent site ``tau.<group>`` (``tau`` when there is one group), independent draws from
+            the shared hyperprior. A mapping ``{group: float | inf | distribution}`` sets each
+            group's own.
+        per: how (module, factor) pairs are grouped: ``"all"`` (one τ), ``"layer"`` (one per
+            transformer block, e.g. ``transformer.h.3``), ``"module"`` (one per adapted module),
+            ``"factor"`` (groups ``A`` and ``B``), ``"module-factor"`` (``<module>.A``, ...), or a
+            function ``(module, factor) -> group name``; a group name must not end in ``lora_A``
+            or ``lora_B`` (that names a factor site).
+
+    Calling it, ``precision(modules, device) -> {group: τ}``, samples the latent τ sites (scalars,
+    on ``device``) and returns every group's τ: a float or a 0-dim tensor.
     """
 
-    def __init__(self, tau: float, global_scale: float | None = 1.0, centered: bool = True):
-        check_scale("tau", tau, allow_none=False)
-        check_scale("global_scale", global_scale)
-        self.tau, self.global_scale, self.centered = float(tau), global_scale, centered
+    def __init__(self, tau: TauValue | Mapping[str, TauValue], per: str | TauGroup = "all"):
+        if isinstance(per, str) and per not in TAU_GROUPS:
+            raise ConfigError(f"unknown tau grouping {per!r}: choose one of {tuple(TAU_GROUPS)} or pass a function")
+        if isinstance(tau, Mapping):
+            if per == "all":
+                raise ConfigError("a tau per group needs a grouping: pass tau_per='module', 'factor', ...")
+            for value in tau.values():
+                check_tau(value)
+            self.tau: TauValue | dict[str, TauValue] = {
+                group: value if isinstance(value, torch.distributions.Distribution) else float(value)
+                for group, value in tau.items()
+            }
+        else:
+            check_tau(tau)
+            self.tau = tau if isinstance(tau, torch.distributions.Distribution) else float(tau)
+        self.per = per
+        self.group: TauGroup = TAU_GROUPS[per] if isinstance(per, str) else per
 
-    def __call__(self, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> Factors:
-        scale = self.tau**-0.5
-        factors: Factors = {}
-        for module in modules:
-            pair = []
-            for factor in FACTORS:
-                shape = factor_shape(module, factor)
-                glob = pyro.sample(site_name("global", module.name, factor), weak_or_flat(shape, self.global_scale, tasks.device))
-                with tasks:
-                    if self.centered:
-                        value = pyro.sample(site_name("task", module.name, factor), dist.Normal(glob, scale).to_event(2))
-                    else:
-                        offset = dist.Normal(torch.zeros_like(glob), scale).to_event(2)
-                        value = glob + pyro.sample(site_name("task", module.name, factor) + "_offset", offset)
-                pair.append(value)
-            factors[module.name] = (pair[0], pair[1])
-        return factors
+    def value(self, group: str, groups: Sequence[str]) -> TauValue:
+        if not isinstance(self.tau, dict):
+            return self.tau
+        if group not in self.tau:
+            raise ConfigError(f"tau has no value for the group {group!r}; the groups are {sorted(set(groups))}")
+        return self.tau[group]
+
+    def __call__(self, modules: Sequence[AdaptedModule], device: torch.device) -> dict[str, float | torch.Tensor]:
+        groups = [self.group(module, factor) for module in modules for factor in FACTORS]
+        taus: dict[str, float | torch.Tensor] = {}
+        for group in dict.fromkeys(groups):
+            value = self.value(group, groups)
+            if isinstance(value, torch.distributions.Distribution):
+                value = pyro.sample(tau_site(group), on_device(value, device))
+            taus[group] = value
+        return taus
 
     def __repr__(self) -> str:
-        return f"HierarchicalNormal(tau={self.tau:g}, global_scale={self.global_scale}, centered={self.centered})"
+        per = self.per if isinstance(self.per, str) else getattr(self.per, "__name__", repr(self.per))
+        return f"Precision(tau={self.describe()}, per={per!r})"
+
+    def describe(self) -> str:
+        if isinstance(self.tau, dict):
+            return "{" + ", ".join(f"{group!r}: {describe(value)}" for group, value in self.tau.items()) + "}"
+        return describe(self.tau)
+
+
+class HierarchicalNormal:
+    """The paper's prior, with τ fixed or learned: for every adapted module and factor,
+
+        Θ ~ Normal(0, global_scale)   (flat when global_scale is None)
+        τ ~ hyperprior                 (when τ is a distribution; one per group, see Precision)
+        θ_d ~ Normal(Θ, τ^{-1/2})     entrywise, for every task d = 1..D.
+
+    Args:
+        tau: a float (the paper), ``math.inf`` for a group whose tasks share Θ, or a hyperprior
+            ``dist.Gamma(a, b)`` / ``dist.LogNormal(m, s)`` inferred by SVI (latent site ``tau``);
+            a mapping sets one per group. See :class:`Precision`.
+        global_scale: prior scale of Θ; ``None`` is the paper's flat ``p(Θ) ∝ 1``. The default 1.0
+            is weak next to LoRA factors (entries ~1/sqrt(in)); keep it for mean-field VI, where a
+            flat Θ leaves the A→cA, B→B/c direction unpinned and the posterior improper.
+        centered: how the task factors are parametrised (the model is the same):
+
+            - ``True``: sample θ_d itself at ``task.<m>.<f>``;
+            - ``False``: sample offsets ``δ_d = θ_d − Θ ~ Normal(0, τ^{-1/2})`` at
+              ``task.<m>.<f>_offset``; Θ then moves every task at once, so one learning rate
+              serves every fixed τ;
+            - a float c in [0, 1]: ``poutine.reparam`` with ``LocScaleReparam(centered=c)``, which
+              samples ``task.<m>.<f>_decentered`` ~ Normal(c·Θ, τ^{-c/2}) and sets
+              θ_d = Θ + τ^{-(1-c)/2}·(z − c·Θ). ``0.0`` is fully non-centred, z ~ Normal(0, 1): τ
+              then scales every task at once, the parametrisation for a learned τ.
+        tau_per: the grouping of the precisions (see :class:`Precision`): ``"all"``, ``"layer"``,
+            ``"module"``, ``"factor"``, ``"module-factor"`` or a function.
+    """
+
+    def __init__(
+        self,
+        tau: TauValue | Mapping[str, TauValue],
+        global_scale: float | None = 1.0,
+        centered: bool | float = True,
+        tau_per: str | TauGroup = "all",
+    ):
+        check_scale("global_scale", global_scale)
+        if not isinstance(centered, bool) and not (isinstance(centered, (int, float)) and 0 <= centered <= 1):
+            raise ConfigError(f"centered must be True, False or a number in [0, 1], got {centered!r}")
+        self.precision = Precision(tau, tau_per)
+        self.global_scale, self.centered = global_scale, centered if isinstance(centered, bool) else float(centered)
+
+    @property
+    def tau(self) -> TauValue | dict[str, TauValue]:
+        return self.precision.tau
+
+    def deviation(self, loc: torch.Tensor, scale: float | torch.Tensor) -> dist.Distribution:
+        """The distribution of a task factor around ``loc`` with scale τ^{-1/2}, entrywise."""
+        return dist.Normal(loc, scale).to_event(loc.dim())
+
+    def __call__(self, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> Factors:
+        taus = self.precision(modules, tasks.device)
+        factors: Factors = {}
+        for module in modules:
+            factors[module.name] = tuple(  # type: ignore[assignment]
+                self.task_factor(module, factor, taus[self.precision.group(module, factor)], tasks)
+                for factor in FACTORS
+            )
+        return factors
+
+    def task_factor(self, module: AdaptedModule, factor: str, tau: float | torch.Tensor, tasks: pyro.plate) -> torch.Tensor:
+        """Sample Θ of one factor and the tasks' θ_d around it: [D, *shape]."""
+        shape = factor_shape(module, factor)
+        glob = pyro.sample(site_name("global", module.name, factor), weak_or_flat(shape, self.global_scale, tasks.device))
+        if isinstance(tau, float) and math.isinf(tau):
+            return glob.expand(tasks.subsample_size, *shape)
+        name, scale = site_name("task", module.name, factor), tau**-0.5
+        if self.centered is False:
+            with tasks:
+                return glob + pyro.sample(f"{name}_offset", self.deviation(torch.zeros_like(glob), scale))
+        reparam = {} if self.centered is True else {name: LocScaleReparam(self.centered)}
+        with poutine.reparam(config=reparam), tasks:  # reparam outside the plate: it sees the [D] batch
+            return pyro.sample(name, self.deviation(glob, scale))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(tau={self.precision.describe()}, global_scale={self.global_scale}, centered={self.centered}"
+                f"{'' if self.precision.per == 'all' else f', tau_per={self.precision.per!r}'})")
+
+
+class HierarchicalStudentT(HierarchicalNormal):
+    """Heavy-tailed task deviations: ``θ_d ~ StudentT(df, Θ, τ^{-1/2})`` entrywise, otherwise as
+    :class:`HierarchicalNormal` (same arguments, sites and parametrisations).
+
+    A few tasks may then sit far from Θ without dragging Θ or inflating the spread of the others:
+    for df → ∞ this is :class:`HierarchicalNormal`; for df > 2 the variance is τ^{-1}·df/(df − 2).
+
+    Args:
+        df: degrees of freedom ν > 0 (fixed).
+    """
+
+    def __init__(
+        self,
+        tau: TauValue | Mapping[str, TauValue],
+        df: float = 3.0,
+        global_scale: float | None = 1.0,
+        centered: bool | float = True,
+        tau_per: str | TauGroup = "all",
+    ):
+        check_scale("df", df, allow_none=False)
+        super().__init__(tau, global_scale, centered, tau_per)
+        self.df = float(df)
+
+    def deviation(self, loc: torch.Tensor, scale: float | torch.Tensor) -> dist.Distribution:
+        return dist.StudentT(self.df, loc, scale).to_event(loc.dim())
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", df={self.df:g})"
 
 
 class Independent:
@@ -156,10 +378,35 @@ class Joint:
         return f"Joint(global_scale={self.global_scale})"
 
 
-def prior_from_tau(tau: float, global_scale: float | None = 1.0, centered: bool = True):
-    """τ = 0 → :class:`Independent`, τ = ∞ → :class:`Joint`, else :class:`HierarchicalNormal`."""
+def prior_from_tau(tau: TauValue, global_scale: float | None = 1.0, centered: bool | float = True):
+    """τ = 0 → :class:`Independent`, τ = ∞ → :class:`Joint`, else :class:`HierarchicalNormal`
+    (a distribution: τ learned under that hyperprior)."""
     if isinstance(tau, (int, float)) and tau == 0:
         return Independent(global_scale)
     if isinstance(tau, (int, float)) and math.isinf(tau) and tau > 0:
         return Joint(global_scale)
     return HierarchicalNormal(tau, global_scale, centered)
+
+
+HYPERPRIORS: dict[str, type[torch.distributions.Distribution]] = {"gamma": dist.Gamma, "lognormal": dist.LogNormal}
+
+
+def parse_hyperprior(spec: str) -> torch.distributions.Distribution:
+    """``"gamma:SHAPE,RATE"`` → ``Gamma(SHAPE, RATE)`` (mean SHAPE/RATE); ``"lognormal:LOC,SCALE"``
+    → ``LogNormal(LOC, SCALE)``, i.e. log τ ~ Normal(LOC, SCALE). The CLI's ``--tau-prior``."""
+    family, _, args = spec.partition(":")
+    try:
+        values = [float(arg) for arg in args.split(",")]
+        return HYPERPRIORS[family.strip().lower()](*values)
+    except (KeyError, ValueError, TypeError):
+        raise ConfigError(f"cannot read the hyperprior {spec!r}: write gamma:SHAPE,RATE or lognormal:LOC,SCALE, "
+                          "e.g. lognormal:4.6,1.5") from None
+
+
+def hyperparameter_sites(prior, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> list[str]:
+    """The latent sites of ``prior`` that hold no factors (precisions, scales, weights): see the
+    contract. The prior runs once at a feasible point, drawing no random numbers."""
+    with poutine.block():
+        trace = poutine.trace(InitMessenger(init_to_feasible)(prior)).get_trace(modules, tasks)
+    return [name for name, site in trace.iter_stochastic_nodes()
+            if not site_is_subsample(site) and not is_factor_site(name)]

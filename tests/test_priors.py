@@ -1,0 +1,286 @@
+"""Priors: each shipped prior's share of the model's log-joint equals its closed form; learned and
+grouped τ, the three parametrisations, the guides' rules for latent τ, the CLI and the example."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+from bora_pyro import MultiTaskCorpus, MultiTaskLM, load_tokenizer
+from bora_pyro.cli import main
+from bora_pyro.errors import ConfigError
+from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide
+from bora_pyro.models import (
+    BoRA, HierarchicalNormal, HierarchicalStudentT, Independent, Joint, hyperparameter_sites, parse_hyperprior,
+)
+from bora_pyro.run import load_run
+from conftest import synthetic_records
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_2PI = math.log(2 * math.pi)
+
+
+def normal_lp(x, loc, scale):
+    """Σ log Normal(x; loc, scale), written out."""
+    scale = torch.as_tensor(scale)
+    return (-0.5 * ((x - loc) / scale) ** 2 - torch.log(scale) - 0.5 * LOG_2PI).sum()
+
+
+def gamma_lp(x, shape, rate):
+    return shape * math.log(rate) + (shape - 1) * torch.log(x) - rate * x - math.lgamma(shape)
+
+
+def lognormal_lp(x, loc, scale):
+    return normal_lp(torch.log(x), loc, scale) - torch.log(x)
+
+
+def student_t_lp(x, df, loc, scale):
+    z = (x - loc) / scale
+    return (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - torch.log(torch.as_tensor(scale))
+            - (df + 1) / 2 * torch.log1p(z**2 / df)).sum()
+
+
+@pytest.fixture
+def setup(gpt2_dir):
+    """A tiny GPT-2 with two adapted modules (c_attn of layers 0 and 1), 3 tasks and a batch."""
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4, target_modules=["c_attn"])
+    records = synthetic_records(num_tasks=3, docs_per_task=6)
+    corpus = MultiTaskCorpus([(r["speaker"], r["line"]) for r in records], load_tokenizer(gpt2_dir), test_size=0.5)
+    return lm, corpus, corpus.train.collate([0, 4, 7], corpus.pad_token_id)
+
+
+def site_values(lm, prior, taus):
+    """Random values of every latent site of ``prior``, with the τ sites set to ``taus``."""
+    model = BoRA(lm, prior, 3)
+    trace = poutine.trace(poutine.condition(prior, taus)).get_trace(lm.modules_spec, model.tasks_plate())
+    values = {name: site["value"] + 0.3 * torch.randn_like(site["value"])
+              for name, site in trace.iter_stochastic_nodes() if name != "tasks"}
+    return values | taus
+
+
+def g(values, module, factor):
+    return values[f"global.{module}.lora_{factor}"]
+
+
+def t(values, module, factor, suffix=""):
+    return values[f"task.{module}.lora_{factor}{suffix}"]
+
+
+def hierarchical_gamma(values, modules):
+    """τ ~ Gamma(2, 0.5), Θ ~ Normal(0, 0.5), θ_d ~ Normal(Θ, τ^{-1/2})."""
+    tau = values["tau"]
+    return gamma_lp(tau, 2.0, 0.5) + sum(
+        normal_lp(g(values, m, f), 0.0, 0.5) + normal_lp(t(values, m, f), g(values, m, f), tau**-0.5)
+        for m in modules for f in "AB")
+
+
+def per_module_offsets(values, modules):
+    """τ_m ~ LogNormal(1, 0.5) per module, Θ ~ Normal(0, 1), δ_d ~ Normal(0, τ_m^{-1/2})."""
+    return sum(lognormal_lp(values[f"tau.{m}"], 1.0, 0.5) for m in modules) + sum(
+        normal_lp(g(values, m, f), 0.0, 1.0) + normal_lp(t(values, m, f, "_offset"), 0.0, values[f"tau.{m}"] ** -0.5)
+        for m in modules for f in "AB")
+
+
+def per_factor_decentered(values, modules):
+    """τ_A = 4 fixed, τ_B ~ Gamma(3, 1); flat Θ (0); z ~ Normal(0, 1)."""
+    return gamma_lp(values["tau.B"], 3.0, 1.0) + sum(
+        normal_lp(t(values, m, f, "_decentered"), 0.0, 1.0) for m in modules for f in "AB")
+
+
+def student_t(values, modules):
+    """Θ ~ Normal(0, 1), θ_d ~ StudentT(4, Θ, 3^{-1/2})."""
+    return sum(normal_lp(g(values, m, f), 0.0, 1.0) + student_t_lp(t(values, m, f), 4.0, g(values, m, f), 3.0**-0.5)
+               for m in modules for f in "AB")
+
+
+def shared_A(values, modules):
+    """A shared (τ_A = ∞), B with a learned τ_B ~ LogNormal(0, 1) and centred tasks."""
+    tau = values["tau.B"]
+    return lognormal_lp(tau, 0.0, 1.0) + sum(
+        normal_lp(g(values, m, "A"), 0.0, 1.0) + normal_lp(g(values, m, "B"), 0.0, 1.0)
+        + normal_lp(t(values, m, "B"), g(values, m, "B"), tau**-0.5) for m in modules)
+
+
+def independent(values, modules):
+    return sum(normal_lp(t(values, m, f), 0.0, 0.7) for m in modules for f in "AB")
+
+
+def joint(values, modules):
+    return sum(normal_lp(g(values, m, f), 0.0, 0.3) for m in modules for f in "AB")
+
+
+CASES = {
+    "learned tau": (lambda: HierarchicalNormal(dist.Gamma(2.0, 0.5), global_scale=0.5), {"tau": 3.0},
+                    hierarchical_gamma),
+    "per-module tau, offsets": (
+        lambda: HierarchicalNormal(dist.LogNormal(1.0, 0.5), tau_per="module", centered=False),
+        {"tau.transformer.h.0.attn.c_attn": 2.0, "tau.transformer.h.1.attn.c_attn": 5.0}, per_module_offsets),
+    "per-factor tau, LocScaleReparam": (
+        lambda: HierarchicalNormal({"A": 4.0, "B": dist.Gamma(3.0, 1.0)}, global_scale=None, centered=0.0,
+                                   tau_per="factor"), {"tau.B": 2.5}, per_factor_decentered),
+    "student-t": (lambda: HierarchicalStudentT(3.0, df=4.0), {}, student_t),
+    "shared A": (lambda: HierarchicalNormal({"A": math.inf, "B": dist.LogNormal(0.0, 1.0)}, tau_per="factor"),
+                 {"tau.B": 0.5}, shared_A),
+    "independent": (lambda: Independent(0.7), {}, independent),
+    "joint": (lambda: Joint(0.3), {}, joint),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prior_share_of_log_joint_equals_closed_form(setup, case):
+    lm, corpus, batch = setup
+    make_prior, taus, closed_form = CASES[case]
+    model = BoRA(lm, make_prior(), corpus.num_tasks)
+    values = site_values(lm, make_prior(), {name: torch.tensor(tau) for name, tau in taus.items()})
+    trace = poutine.trace(poutine.condition(model, values)).get_trace(batch)
+    prior_share = trace.log_prob_sum(lambda name, site: name != "log_likelihood")
+    expected = closed_form(values, [spec.name for spec in lm.modules_spec])
+    torch.testing.assert_close(prior_share.detach(), expected.detach(), rtol=1e-5, atol=1e-3)
+
+
+def test_task_factors_of_each_parametrisation(setup):
+    """θ_d = Θ + δ_d for offsets, Θ + τ^{-1/2}·z for LocScaleReparam(0), Θ for a shared factor."""
+    lm, corpus, _ = setup
+    spec = lm.modules_spec[0].name
+    for prior, taus, theta in [
+        (HierarchicalNormal(4.0, centered=False), {}, lambda v: g(v, spec, "A") + t(v, spec, "A", "_offset")),
+        (HierarchicalNormal(dist.Gamma(2.0, 1.0), centered=0.0), {"tau": torch.tensor(0.25)},
+         lambda v: g(v, spec, "A") + v["tau"] ** -0.5 * t(v, spec, "A", "_decentered")),
+        (HierarchicalNormal({"A": math.inf, "B": 2.0}, tau_per="factor"), {},
+         lambda v: g(v, spec, "A").expand(3, -1, -1)),
+    ]:
+        values = site_values(lm, prior, taus)
+        torch.testing.assert_close(BoRA(lm, prior, 3).task_factors(values)[spec][0], theta(values))
+
+
+def test_tau_groups_name_their_sites(setup):
+    lm, _, _ = setup
+    tasks = pyro.plate("tasks", 3)
+    layers = ["tau.transformer.h.0", "tau.transformer.h.1"]
+    modules = [f"tau.{spec.name}" for spec in lm.modules_spec]
+    for per, expected in [("all", ["tau"]), ("layer", layers), ("module", modules), ("factor", ["tau.A", "tau.B"]),
+                          ("module-factor", [f"{m}.{f}" for m in modules for f in "AB"])]:
+        prior = HierarchicalNormal(dist.Gamma(2.0, 0.02), tau_per=per)
+        assert hyperparameter_sites(prior, lm.modules_spec, tasks) == expected, per
+    by_function = HierarchicalNormal(dist.Gamma(2.0, 0.02), tau_per=lambda module, factor: "qkv")
+    assert hyperparameter_sites(by_function, lm.modules_spec, tasks) == ["tau.qkv"]
+    assert hyperparameter_sites(HierarchicalNormal(10.0, centered=0.0), lm.modules_spec, tasks) == []
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: HierarchicalNormal(-1.0), "tau must be a positive"),
+    (lambda: HierarchicalNormal(dist.Normal(0.0, 1.0)), "distribution on \\(0, ∞\\)"),
+    (lambda: HierarchicalNormal(dist.Gamma(torch.ones(2), 1.0)), "scalar distribution"),
+    (lambda: HierarchicalNormal(1.0, tau_per="head"), "unknown tau grouping"),
+    (lambda: HierarchicalNormal({"A": 1.0}), "needs a grouping"),
+    (lambda: HierarchicalNormal(1.0, centered=2.0), "centered must be"),
+    (lambda: HierarchicalStudentT(1.0, df=0.0), "df must be"),
+    (lambda: parse_hyperprior("gamma:2"), "gamma:SHAPE,RATE"),
+    (lambda: parse_hyperprior("beta:1,1"), "gamma:SHAPE,RATE"),
+])
+def test_bad_priors_are_refused(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        bad()
+
+
+def test_missing_group_and_hyperprior_spec(setup):
+    lm, _, _ = setup
+    with pytest.raises(ConfigError, match="no value for the group 'B'"):
+        HierarchicalNormal({"A": 1.0}, tau_per="factor")(lm.modules_spec, pyro.plate("tasks", 3))
+    gamma, lognormal = parse_hyperprior("gamma:2,0.02"), parse_hyperprior("LogNormal: 4.6, 1.5")
+    assert isinstance(gamma, dist.Gamma) and float(gamma.mean) == pytest.approx(100.0)
+    assert isinstance(lognormal, dist.LogNormal) and float(lognormal.loc) == pytest.approx(4.6)
+    assert repr(HierarchicalNormal(gamma, tau_per="module")) == (
+        "HierarchicalNormal(tau=Gamma(concentration=2, rate=0.02), global_scale=1.0, centered=True, tau_per='module')")
+
+
+def test_map_guide_refuses_a_latent_tau(setup):
+    lm, _, _ = setup
+    with pytest.raises(ConfigError, match="map_guide cannot fit the latent tau .*use hybrid_guide"):
+        map_guide(BoRA(lm, HierarchicalNormal(dist.Gamma(2.0, 0.02)), 3))
+    map_guide(BoRA(lm, HierarchicalNormal(100.0, centered=0.0), 3))  # a fixed τ is fine
+
+
+@pytest.mark.parametrize("centered", [True, False, 0.0])
+@pytest.mark.parametrize("make_guide", [hybrid_guide, mean_field_guide])
+def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, centered):
+    lm, corpus, batch = setup
+    model = BoRA(lm, HierarchicalNormal(dist.LogNormal(math.log(50.0), 0.1), centered=centered), 3)
+    guide = make_guide(model)
+    guide(batch)
+    values = guide.median()
+    factors = model.task_factors(values)
+    spec = lm.modules_spec[0]
+    glob_A = values[f"global.{spec.name}.lora_A"]
+    assert glob_A.std() > 0 and torch.equal(factors[spec.name][0], glob_A.expand(3, *spec.shape_A))
+    assert not factors[spec.name][1].any()
+    assert 40 < float(values["tau"]) < 60  # starts at the hyperprior's median
+    if make_guide is hybrid_guide:  # Θ a point, tasks and τ mean-field
+        assert {name for name in guide[0].median()} == {f"global.{s.name}.lora_{f}" for s in lm.modules_spec for f in "AB"}
+        assert "tau" in guide[1].median()
+    optimizer = torch.optim.Adam(guide.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = pyro.infer.Trace_ELBO().differentiable_loss(model, guide, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss) and float(guide.median()["tau"]) != float(values["tau"])
+
+
+def fit_args(model_dir, data, out, *extra) -> list[str]:
+    return ["fit", "--model", str(model_dir), "--data", str(data), "--task-field", "speaker", "--text-field", "line",
+            "--rank", "2", "--steps", "4", "--batch-size", "8", "--lr", "0.05", "--max-length", "32",
+            "--out", str(out), "--quiet", *extra]
+
+
+def test_cli_learns_tau_and_load_run_rebuilds_it(gpt2_dir, synthetic_jsonl, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(fit_args(gpt2_dir, synthetic_jsonl, run_dir, "--tau-prior", "lognormal:4.6,1.5", "--tau-per", "factor",
+                         "--decentered", "--guide", "hybrid")) == 0
+    test_perplexity = json.loads(capsys.readouterr().out)["test_perplexity"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["tau_prior"], config["tau_per"], config["centered"], config["guide"]) == (
+        "lognormal:4.6,1.5", "factor", 0.0, "hybrid")
+    run = load_run(run_dir)
+    assert isinstance(run.model.prior.tau, dist.LogNormal) and type(run.model.prior.centered) is float
+    assert {"tau.A", "tau.B"} <= set(run.guide.median())
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(test_perplexity, rel=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tau-prior", "gamma:2,0.02"], "--guide map cannot learn τ"),  # map is the default guide
+    (["--tau-prior", "gamma:2", "--guide", "hybrid"], "gamma:SHAPE,RATE"),
+    (["--tau-prior", "gamma:2,0.02", "--prior", "joint", "--guide", "hybrid"], "--prior hierarchical"),
+    (["--tau-prior", "gamma:2,0.02", "--lr-per-tau", "1e-5", "--guide", "hybrid"], "with --tau-prior give --lr"),
+])
+def test_cli_refuses_bad_learned_tau_settings(gpt2_dir, synthetic_jsonl, tmp_path, capsys, extra, message):
+    args = fit_args(gpt2_dir, synthetic_jsonl, tmp_path / "run", *extra)
+    if "--lr-per-tau" in extra:
+        args.remove("--lr"), args.remove("0.05")
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
+    assert not (tmp_path / "run").exists()
+
+
+def test_custom_prior_example_quick(tmp_path):
+    # one thread: fastest for a tiny model, and not slowed tenfold by a busy CI machine (≈10 s)
+    completed = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_prior.py"), "--quick",
+                                "--work-dir", str(tmp_path)], check=True, timeout=120, cwd=ROOT,
+                               capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    lines = completed.stdout.splitlines()
+    assert any(line.startswith("per-task test perplexity") for line in lines), completed.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"base", "hierarchical", "clustered"}
+    for report in results.values():
+        assert len(report["tasks"]) == 6 and all(ppl > 1 for ppl in report["tasks"].values())
+    assert results["clustered"]["perplexity"] < results["hierarchical"]["perplexity"] < results["base"]["perplexity"]
