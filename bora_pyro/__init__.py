@@ -11,14 +11,17 @@ __version__ = "0.1.0"
 
 from .adapted_lm import MultiTaskLM, load_tokenizer  # noqa: E402
 from .data import Batch, MultiTaskCorpus  # noqa: E402
-from .errors import BoRAError, CheckpointError, ConfigError, DataError, ModelError  # noqa: E402
+from .errors import (  # noqa: E402
+    BoRAError, CheckpointError, ConfigError, DataError, DataWarning, FitError, FitInterrupted, ModelError, WriteError,
+)
 from .evaluate import evaluate, evaluate_base  # noqa: E402
 from .export import export_peft, merge  # noqa: E402
 from .fit import FitResult, fit, paper_lr  # noqa: E402
 from .run import RunConfig, load_run, save_run  # noqa: E402
 
 __all__ = [
-    "Batch", "BoRAError", "CheckpointError", "ConfigError", "DataError", "FitResult", "ModelError",
+    "Batch", "BoRAError", "CheckpointError", "ConfigError", "DataError", "DataWarning", "FitError", "FitInterrupted",
+    "FitResult", "ModelError", "WriteError",
     "MultiTaskCorpus", "MultiTaskLM", "RunConfig", "evaluate", "evaluate_base", "export_peft", "fit",
     "load_run", "load_tokenizer", "merge", "paper_lr", "save_run",
 ]

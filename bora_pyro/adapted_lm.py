@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, first_line
 from .lora import AdaptedModule, MultiTaskLoRA, linear_features
 
 #: Default target modules (last component of the module name) per ``config.model_type``:
@@ -46,27 +46,65 @@ def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype | None = None) -
     except (OSError, ValueError) as error:
         raise ModelError(
             f"cannot load model {name_or_path!r}: it is neither a local folder with a config.json "
-            f"nor a reachable hub model ({str(error).splitlines()[0]})"
+            f"nor a reachable hub model ({first_line(error)}); check --model"
         ) from None
+    not_causal = ModelError(
+        f"{name_or_path!r} is a {config.model_type!r} model, not a causal LM: BoRA needs a decoder "
+        "that AutoModelForCausalLM can load (GPT-2, OPT, Llama, Qwen, ...)"
+    )
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
-            raise ModelError(
-                f"{name_or_path!r} is a {config.model_type!r} model, not a causal LM: BoRA needs a "
-                "model that AutoModelForCausalLM can load (GPT-2, OPT, Llama, Qwen, ...)"
-            ) from None
+            raise not_causal from None
         raise
+    except OSError as error:  # e.g. a folder with a config.json but no weights
+        raise ModelError(f"cannot load the weights of {name_or_path!r} ({first_line(error)}); save the model "
+                         "there with model.save_pretrained") from None
+    if not is_causal(model):
+        raise not_causal
+    return model
+
+
+@torch.no_grad()
+def is_causal(model: PreTrainedModel) -> bool:
+    """Whether the first position's logits ignore later tokens (an encoder such as BERT, which
+    AutoModelForCausalLM also loads, sees them and would score text with a peek at the future)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    first = torch.tensor([[0, 1, 2, 3]]) % vocab
+    other = torch.tensor([[0, 3, 1, 2]]) % vocab
+    training = model.training
+    model.eval()
+    try:
+        logits = [model(input_ids=ids.to(model.device), use_cache=False).logits[0, 0].float() for ids in (first, other)]
+    finally:
+        model.train(training)
+    return bool(torch.allclose(logits[0], logits[1], rtol=0, atol=1e-4 * float(logits[0].abs().max()) + 1e-12))
 
 
 def load_tokenizer(name_or_path: str | Path):
     """Load the tokenizer of a model; a missing pad token is set to the EOS token."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelError(f"cannot load the tokenizer of {str(name_or_path)!r} ({first_line(error)}); "
+                         "save one with tokenizer.save_pretrained in the model folder") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers builds one from a bare config.json
+        raise ModelError(f"cannot load the tokenizer of {str(name_or_path)!r} (it has no vocabulary beyond its "
+                         "special tokens); save one with tokenizer.save_pretrained in the model folder")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer of {str(name_or_path)!r} has no EOS token; set one before fitting")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_vocabulary(model: PreTrainedModel, tokenizer) -> None:
+    """Refuse a tokenizer whose token ids run past the model's embedding (an index error mid-forward)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows: "
+                         "they do not belong together; use the model's own tokenizer")
 
 
 def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 256) -> str:

@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 import datasets
 import transformers
 
-from .errors import BoRAError, ConfigError
+from .errors import BoRAError, ConfigError, DataError, FitError, FitInterrupted
 from .evaluate import evaluate, evaluate_base
 from .export import check_request, export_peft, export_peft_all, save_merged
 from .fit import fit
 from .run import (
-    GUIDES, PRIORS, RunConfig, build_lm, build_model, check_base_model, load_checkpoint, load_corpus, load_run,
-    read_config, save_checkpoint, save_config, save_run,
+    CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, PRIORS, RunConfig, build_lm, build_model, check_base_model,
+    load_checkpoint, load_corpus, load_run, read_config, save_checkpoint, save_config, save_run,
 )
+
+#: Flags that ``fit --resume`` accepts; every other setting comes from the run's config.json.
+RESUME_FLAGS = ("resume", "lr", "lr_per_tau", "device", "quiet")
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``bora-pyro fit: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def scale_or_flat(text: str) -> float | None:
@@ -36,8 +51,17 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--global-scale", type=scale_or_flat, default=defaults.global_scale,
                         help="prior scale of the global factors (or of the task factors for --prior "
                              "independent); 'flat' for the paper's improper prior (MAP only)")
-    parser.add_argument("--non-centered", dest="centered", action="store_false",
-                        help="sample task offsets θ_d − Θ instead of θ_d (one lr serves every τ)")
+    parser.add_argument("--tau-prior", metavar="SPEC",
+                        help="learn τ under this hyperprior instead of fixing it: gamma:SHAPE,RATE or "
+                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; needs --guide hybrid|mean-field")
+    parser.add_argument("--tau-per", choices=("all", "layer", "module", "factor", "module-factor"),
+                        default=defaults.tau_per, help="one τ for all adapted modules, or one per layer, module, "
+                                                       "factor (A vs B) or module and factor")
+    centring = parser.add_mutually_exclusive_group()
+    centring.add_argument("--non-centered", dest="centered", action="store_false",
+                          help="sample task offsets θ_d − Θ instead of θ_d (one lr serves every τ)")
+    centring.add_argument("--decentered", dest="centered", action="store_const", const=0.0,
+                          help="sample z ~ Normal(0, 1), θ_d = Θ + τ^(-1/2)·z (LocScaleReparam)")
     parser.add_argument("--guide", choices=GUIDES, default=defaults.guide, help="map = the paper's estimator")
     parser.add_argument("--init-scale", type=float, default=defaults.init_scale, help="mean-field initial std")
     parser.add_argument("--rank", type=int, default=defaults.rank)
@@ -53,7 +77,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--epochs", type=float)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     lr = parser.add_mutually_exclusive_group()
-    lr.add_argument("--lr", type=float, default=defaults.lr)
+    lr.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
     lr.add_argument("--lr-per-tau", type=float, help="the paper's lr ∝ τ: lr = this × τ")
     parser.add_argument("--optimizer", choices=("adam", "adamw"), default=defaults.optimizer)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -73,46 +97,107 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         missing.append("--steps or --epochs")
     if missing:
         raise ConfigError(f"fit needs {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
-    lr = args.lr if args.lr_per_tau is None else args.lr_per_tau * args.tau
+    if args.tau_prior is not None and args.lr_per_tau is not None:
+        raise ConfigError("--lr-per-tau scales the lr with a fixed τ; with --tau-prior give --lr")
     return RunConfig(
         model=args.model, data=args.data, task_field=args.task_field, text_field=args.text_field,
-        prior=args.prior, tau=args.tau, global_scale=args.global_scale, centered=args.centered,
+        prior=args.prior, tau=args.tau, tau_prior=args.tau_prior, tau_per=args.tau_per,
+        global_scale=args.global_scale, centered=args.centered,
         guide=args.guide, init_scale=args.init_scale, rank=args.rank, alpha=args.alpha,
         target_modules=args.target_modules, max_length=args.max_length, test_size=args.test_size,
         validation_size=args.validation_size, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, lr=chosen_lr(args, args.tau), optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
         eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device, bf16=args.bf16,
     )
 
 
+def chosen_lr(args: argparse.Namespace, tau: float) -> float:
+    """The learning rate of ``--lr``, ``--lr-per-tau`` × τ, or the default."""
+    if args.lr_per_tau is not None:
+        return args.lr_per_tau * tau
+    return args.lr if args.lr is not None else RunConfig(model="").lr
+
+
+def fit_defaults() -> dict:
+    parser = OneLineParser()
+    add_fit_arguments(parser)
+    return vars(parser.parse_args([]))
+
+
+def resumed_config(args: argparse.Namespace) -> RunConfig:
+    """The config of the run to resume, with the few settings ``--resume`` may change."""
+    defaults = fit_defaults()
+    ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+               if name in defaults and name not in RESUME_FLAGS and value != defaults[name]]
+    if ignored:
+        raise ConfigError(f"--resume continues the run with the settings in its {CONFIG_FILE}; only --lr, "
+                          f"--lr-per-tau, --device and --quiet may change, not {', '.join(ignored)}")
+    config = read_config(args.resume)
+    if not (Path(args.resume) / CHECKPOINT_FILE).is_file():
+        raise ConfigError(f"{args.resume} has no checkpoint yet (the fit stopped before its first one): "
+                          f"fit it again with --out {args.resume}")
+    if args.lr is not None or args.lr_per_tau is not None:
+        config.lr = chosen_lr(args, config.tau)
+    if args.device != defaults["device"]:
+        config.device = args.device
+    return config
+
+
+def check_new_run_dir(run_dir: str) -> None:
+    """Refuse to overwrite a run directory that holds a checkpoint or a fitted guide."""
+    found = [name for name in (CHECKPOINT_FILE, GUIDE_FILE) if (Path(run_dir) / name).exists()]
+    if found:
+        raise ConfigError(f"{run_dir} already holds a run ({found[0]}); continue it with --resume {run_dir} "
+                          "or choose another --out")
+
+
+def fit_error(error: FitError, run_dir: str, lr: float) -> FitError:
+    """``error`` restated for the command line: where the last good checkpoint is, what to run next."""
+    lower = f"{lr / 10:g}"
+    if error.checkpoint_step is None:
+        advice = f"no checkpoint was written yet: lower the learning rate and fit again (e.g. --lr {lower})"
+    else:
+        advice = (f"the last good checkpoint (step {error.checkpoint_step}) is in {run_dir}: lower the learning "
+                  f"rate and resume with bora-pyro fit --resume {run_dir} --lr {lower}")
+    return FitError(f"the {error.what} became nan or inf at step {error.step}; {advice}",
+                    error.step, error.checkpoint_step, error.what)
+
+
 def run_fit(args: argparse.Namespace) -> dict:
     if args.resume:
-        run_dir, config = args.resume, read_config(args.resume)
-        resume = load_checkpoint(run_dir, device=config.device)
+        run_dir, config = args.resume, resumed_config(args)
     else:
         config = config_from_args(args)
-        run_dir, resume = args.out, None
+        run_dir = args.out
+        check_new_run_dir(run_dir)
     config.validate()
+    resume = load_checkpoint(run_dir, device=config.device) if args.resume else None
     lm, tokenizer = build_lm(config)
     check_base_model(config, lm)
     corpus = load_corpus(config, tokenizer)
     config.task_names = corpus.task_names
     save_config(run_dir, config)
     model, guide = build_model(config, lm)
-    result = fit(
-        model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
-        lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
-        eval_every=config.eval_every, patience=config.patience, seed=config.seed, bf16=config.bf16,
-        progress=not args.quiet, on_checkpoint=lambda state: save_checkpoint(run_dir, state), resume=resume,
-    )
+    try:
+        result = fit(
+            model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
+            lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
+            eval_every=config.eval_every, patience=config.patience, seed=config.seed, bf16=config.bf16,
+            progress=not args.quiet, on_checkpoint=lambda state: save_checkpoint(run_dir, state), resume=resume,
+        )
+    except FitError as error:
+        raise fit_error(error, run_dir, config.lr) from None
+    tested = len(corpus.test) > 0  # else test_size=0 or every task too small: nothing to report
     metrics = {
         "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "history": result.history, "tasks": corpus.counts(),
-        "test": evaluate(model, guide, corpus, "test"), "base_test": evaluate_base(lm, corpus, "test"),
+        "test": evaluate(model, guide, corpus, "test") if tested else None,
+        "base_test": evaluate_base(lm, corpus, "test") if tested else None,
     }
     save_run(run_dir, config, guide, metrics)
-    return {"run_dir": str(run_dir), "test_perplexity": metrics["test"]["perplexity"],
-            "base_test_perplexity": metrics["base_test"]["perplexity"], "steps": result.steps}
+    return {"run_dir": str(run_dir), "test_perplexity": metrics["test"]["perplexity"] if tested else None,
+            "base_test_perplexity": metrics["base_test"]["perplexity"] if tested else None, "steps": result.steps}
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -120,6 +205,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     corpus = load_corpus(run.config, run.tokenizer, args.data)
     # another file is scored whole; the run's own data on its test split
     split = "test" if args.data is None else "all"
+    if not corpus.documents(split):
+        raise DataError("the run's test split is empty (test_size 0, or every task too small for a test "
+                        "document); score another file with --data FILE")
     report = evaluate(run.model, run.guide, corpus, split, batch_size=args.batch_size)
     return {
         "perplexity": report["perplexity"],
@@ -158,8 +246,24 @@ def run_export(args: argparse.Namespace) -> dict:
     return {"out": str(out), "format": args.format, "task": "all" if args.all_tasks else task}
 
 
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Within the block, every warning is printed as one line ``bora-pyro <command>: warning: ...``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"bora-pyro {command}: warning: {one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bora-pyro", description="Bayesian hierarchical LoRA for multi-task LMs")
+    """Run a command; errors are one line on stderr with exit code 2 (130 after Ctrl-C)."""
+    parser = OneLineParser(prog="bora-pyro", description="Bayesian hierarchical LoRA for multi-task LMs")
     commands = parser.add_subparsers(dest="command", required=True)
     add_fit_arguments(commands.add_parser("fit", help="fit a BoRA model by SVI and write a run directory"))
     evaluate_parser = commands.add_parser("evaluate", help="per-task test perplexity of a fitted run, as JSON")
@@ -171,11 +275,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the CLI prints JSON on stdout and one line per error on stderr: no loading progress bars
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:
-        output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export}[args.command](args)
+        with one_line_warnings(args.command):
+            output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export}[args.command](args)
     except BoRAError as error:
-        print(f"bora-pyro {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        print(f"bora-pyro {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except FitInterrupted as interrupt:
+        run_dir = args.resume or args.out
+        print(f"bora-pyro fit: interrupted after step {interrupt.step}, which is checkpointed in {run_dir}; "
+              f"continue with bora-pyro fit --resume {run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"bora-pyro {args.command}: interrupted; no file was left half-written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(json.dumps(output, indent=2))
     return 0

@@ -7,7 +7,11 @@ prefix, so it predicts ``n - 1`` tokens.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, DataWarning
 
 SPLITS = ("train", "validation", "test")
 LENGTH_GROUP_BATCHES = 32
@@ -115,6 +119,82 @@ def split_sizes(num_docs: int, test_size: float, validation_size: float) -> tupl
     return num_docs - test - validation, validation, test
 
 
+def shorten(names: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` names, for a one-line message: ``['a', 'b', ... (12 in all)]``."""
+    shown = ", ".join(map(repr, names[:limit]))
+    return f"[{shown}, ... ({len(names)} in all)]" if len(names) > limit else f"[{shown}]"
+
+
+def checked_pairs(tasks_and_texts: Sequence[tuple[object, object]]) -> list[tuple[str, str]]:
+    """(task, text) pairs as strings: a task may be any scalar (``3`` → ``"3"``), a missing text
+    (``None``) is empty; a missing task or a text that is not a string is a :class:`DataError`."""
+    pairs = []
+    for row, (task, text) in enumerate(tasks_and_texts, start=1):
+        if task is None or (isinstance(task, str) and not task.strip()):
+            raise DataError(f"row {row} of the data has no task; give every row a task name")
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"row {row} of the data has a {type(text).__name__} as its text, not a string; "
+                            "check --text-field")
+        pairs.append((str(task), text or ""))
+    return pairs
+
+
+def read_columns(path: str | Path) -> dict[str, list]:
+    """The columns (name → one value per row) of a UTF-8 ``.jsonl``/``.json`` or ``.csv`` file,
+    with a one-line :class:`DataError` for a missing, empty, non-UTF-8 or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist; check the --data path")
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"cannot read {path.name!r}: use a .jsonl, .json or .csv file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text: byte 0x{raw[error.start]:02x} on line {line} cannot be "
+                        "decoded; re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    if not text.strip():
+        raise DataError(f"data file {path} is empty; it needs one document per row")
+    rows = read_csv(path, text) if kind == "csv" else read_json(path, text)
+    if not rows:
+        raise DataError(f"data file {path} has no rows; it needs one document per row")
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    return {name: [row.get(name) for row in rows] for name in columns}
+
+
+def read_csv(path: Path, text: str) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as error:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({error})") from None
+    if reader.fieldnames is None or len(set(reader.fieldnames)) < len(reader.fieldnames):
+        raise DataError(f"{path} needs a header row of distinct column names, got {reader.fieldnames}")
+    return [{k: v for k, v in row.items() if k is not None} for row in rows]
+
+
+def read_json(path: Path, text: str) -> list[dict]:
+    """JSON lines, or (a file starting with ``[``) one JSON array; every row must be an object."""
+    stripped = text.lstrip()
+    lines = [(1 + text[: len(text) - len(stripped)].count("\n"), stripped)] if stripped.startswith("[") else \
+        [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {number + error.lineno - 1}: not valid JSON ({error.msg}); a .jsonl file "
+                            "holds one JSON object per line") from None
+        for row in value if isinstance(value, list) else [value]:
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object with a task and a text field, "
+                                f"got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
 class MultiTaskCorpus:
     """Documents of D tasks, tokenised and split per task (stratified, seeded).
 
@@ -148,22 +228,39 @@ class MultiTaskCorpus:
             raise DataError(f"test_size and validation_size must lie in [0, 1), got {test_size}, {validation_size}")
         if max_length < 2:
             raise DataError(f"max_length must be ≥ 2 tokens, got {max_length}")
-        pairs = [(str(task), text) for task, text in tasks_and_texts if isinstance(text, str) and text.strip()]
-        if not pairs:
-            raise DataError("the corpus has no non-empty documents")
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.task_names = list(task_names) if task_names is not None else sorted({task for task, _ in pairs})
+        pairs = checked_pairs(tasks_and_texts)
+        non_empty = [(task, text) for task, text in pairs if text.strip()]
+        specials = tokenizer.num_special_tokens_to_add()  # e.g. a BOS token: not text
+        token_ids = self.token_ids([text for _, text in non_empty])
+        kept = [(task, self.with_eos(ids)) for (task, _), ids in zip(non_empty, token_ids) if len(ids) > specials]
+        self.num_dropped = len(pairs) - len(kept)
+        if not kept:
+            raise DataError(f"none of the {len(pairs)} documents has any text (empty, or no tokens for this "
+                            "tokenizer): check --text-field and the file's contents")
+        if self.num_dropped:
+            warnings.warn(f"dropped {self.num_dropped} of {len(pairs)} documents: "
+                          f"{len(pairs) - len(non_empty)} with empty text, {len(non_empty) - len(kept)} that "
+                          "tokenise to no tokens", DataWarning, stacklevel=2)
+        self.task_names = list(task_names) if task_names is not None else sorted({task for task, _ in kept})
         index = {name: d for d, name in enumerate(self.task_names)}
-        unknown = sorted({task for task, _ in pairs} - index.keys())
+        unknown = sorted({task for task, _ in kept} - index.keys())
         if unknown:
-            raise DataError(f"tasks {unknown[:5]} are not among the model's {len(self.task_names)} tasks")
-        self.num_dropped = len(tasks_and_texts) - len(pairs)
+            raise DataError(
+                f"the data has tasks {shorten(unknown)} that the run was not fitted on (its {len(index)} tasks: "
+                f"{shorten(self.task_names)}): remove those rows, or fit a run that includes them"
+            )
 
-        documents = self.tokenize([text for _, text in pairs])
         by_task: dict[str, list[list[int]]] = {name: [] for name in self.task_names}
-        for (task, _), tokens in zip(pairs, documents):
+        for task, tokens in kept:
             by_task[task].append(tokens)
         self.train, self.validation, self.test = (DocumentSet([], []) for _ in SPLITS)
+        no_test = [name for name, docs in by_task.items() if docs and split_sizes(len(docs), test_size, 0)[2] == 0]
+        if test_size > 0 and no_test:
+            warnings.warn(
+                f"{len(no_test)} tasks ({shorten(no_test)}) get no test document at test_size={test_size}: the split "
+                "keeps at least one training document per task and rounds the test share, so a task of 1 document "
+                "is train-only; these tasks have no test perplexity", DataWarning, stacklevel=2)
         for name, docs in by_task.items():
             order = list(range(len(docs)))
             random.Random(f"{seed}:{name}").shuffle(order)
@@ -175,20 +272,9 @@ class MultiTaskCorpus:
 
     @classmethod
     def from_file(cls, path: str | Path, tokenizer, task_field: str = "task", text_field: str = "text", **kwargs):
-        """Read a JSON-lines (``.jsonl``/``.json``) or CSV (``.csv``) file with a task and a text column."""
-        import datasets
-
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"data file {str(path)!r} does not exist")
-        formats = {".jsonl": "json", ".json": "json", ".csv": "csv"}
-        if path.suffix.lower() not in formats:
-            raise DataError(f"cannot read {path.name!r}: use a .jsonl, .json or .csv file")
-        try:
-            dataset = datasets.load_dataset(formats[path.suffix.lower()], data_files=str(path), split="train")
-        except Exception as error:  # datasets raises many types for unreadable files
-            raise DataError(f"cannot read {str(path)!r} as {formats[path.suffix.lower()]}: {str(error).splitlines()[0]}") from None
-        return cls.from_dataset(dataset, tokenizer, task_field, text_field, **kwargs)
+        """Read a UTF-8 JSON-lines (``.jsonl``; ``.json`` may also be one array of objects) or CSV
+        (``.csv``, with a header row) file with a task and a text column."""
+        return cls.from_dataset(read_columns(path), tokenizer, task_field, text_field, **kwargs)
 
     @classmethod
     def from_dataset(cls, dataset, tokenizer, task_field: str = "task", text_field: str = "text", **kwargs):
@@ -196,14 +282,20 @@ class MultiTaskCorpus:
         columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
         for field in (task_field, text_field):
             if field not in columns:
-                raise DataError(f"the data has no column {field!r}; its columns are {list(columns)} (set --task-field/--text-field)")
+                raise DataError(f"the data has no column {field!r}; its columns are {shorten(list(columns))} "
+                                "(set --task-field/--text-field)")
         return cls(list(zip(dataset[task_field], dataset[text_field])), tokenizer, **kwargs)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text with EOS appended, truncated to ``max_length``."""
-        eos = self.tokenizer.eos_token_id
-        ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        return [(tokens + [eos])[: self.max_length] for tokens in ids]
+        return [self.with_eos(ids) for ids in self.token_ids(texts)]
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The tokenizer's ids of each text (special tokens included), untruncated."""
+        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+
+    def with_eos(self, ids: list[int]) -> list[int]:
+        return (ids + [self.tokenizer.eos_token_id])[: self.max_length]
 
     def documents(self, split: str) -> DocumentSet:
         """The documents of ``split``: "train", "validation", "test", or "all" of them."""

@@ -19,3 +19,43 @@ class DataError(BoRAError, ValueError):
 
 class CheckpointError(BoRAError, ValueError):
     """A run directory that cannot be read or does not match the model."""
+
+
+class WriteError(BoRAError, OSError):
+    """A file that could not be written (disk full, read-only folder); its previous version is intact."""
+
+
+class FitError(BoRAError, ArithmeticError):
+    """The loss or its gradient stopped being finite during a fit.
+
+    Attributes:
+        step: the step at which it happened (the parameters before it are the last good ones).
+        checkpoint_step: the step of the last checkpoint passed to ``on_checkpoint`` (None: none yet).
+        what: ``"loss"`` or ``"gradient"``, whichever stopped being finite.
+    """
+
+    def __init__(self, message: str, step: int, checkpoint_step: int | None = None, what: str = "loss"):
+        super().__init__(message)
+        self.step, self.checkpoint_step, self.what = step, checkpoint_step, what
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """A fit stopped by SIGINT (Ctrl-C) after finishing a step and saving a checkpoint of it.
+
+    Attributes:
+        step: the last completed step; ``fit(..., resume=...)`` continues after it.
+    """
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted after step {step}")
+        self.step = step
+
+
+class DataWarning(UserWarning):
+    """Data that is used, but not all of it or not as one might expect (dropped or train-only documents)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), to quote it in a one-line error."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

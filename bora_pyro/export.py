@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapted_lm import load_causal_lm
 from .errors import ConfigError
-from .run import Run, RunConfig, atomic_write, write_json
+from .run import Run, RunConfig, atomic_write, make_dir, write_json
 
 ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 INDEX_FILE = "index.json"
@@ -123,8 +123,7 @@ def peft_config(run: Run) -> dict:
 
 def write_peft_adapter(run: Run, adapter: Adapter, out_dir: str | Path) -> Path:
     """Write ``adapter`` as a peft LoRA adapter folder (created if needed); returns the folder."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(Path(out_dir))
     # peft's saved keys: the module name under ``base_model.model.``, without the adapter name
     tensors = {}
     for name, (lora_A, lora_B) in adapter.items():
@@ -199,8 +198,7 @@ def merge(run: Run, task: str | None = None) -> PreTrainedModel:
 
 def save_merged(run: Run, out_dir: str | Path, task: str | None = None) -> Path:
     """:func:`merge` saved with ``save_pretrained`` in ``out_dir``, with the run's tokenizer."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(Path(out_dir))
     merge(run, task).save_pretrained(out_dir)
     run.tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from .data import Batch, MultiTaskCorpus
-from .errors import ConfigError
+from .errors import ConfigError, FitError, FitInterrupted
 from .evaluate import evaluate
 
 
@@ -77,12 +78,17 @@ class BatchStream:
         self.epoch_start, self.epoch_batches = state["epoch_start"].clone(), None
 
 
+#: Running sums of the steps since the last check: log-likelihood, predicted tokens, loss.
+EMPTY_WINDOW = {"log_likelihood": 0.0, "tokens": 0, "loss": 0.0}
+
+
 @dataclass
 class TrainState:
     """Everything a fit needs to continue exactly where it stopped (written at every check).
 
     ``guide``/``best_guide``/``optimizer`` are state dicts; ``rng`` holds torch's, Python's and
-    NumPy's generator states; ``batches`` the :class:`BatchStream` state.
+    NumPy's generator states; ``batches`` the :class:`BatchStream` state; ``window`` the running
+    sums since the last check (a checkpoint written on SIGINT falls between checks).
     """
 
     step: int
@@ -95,6 +101,7 @@ class TrainState:
     best_step: int
     checks_without_gain: int
     history: list[dict]
+    window: dict = field(default_factory=lambda: dict(EMPTY_WINDOW))
 
 
 def window_steps(step: int, eval_every: int) -> int:
@@ -102,9 +109,56 @@ def window_steps(step: int, eval_every: int) -> int:
     return (step - 1) % eval_every + 1
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one device sync)."""
+    flags = [t.detach().isfinite().all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def not_finite(what: str, step: int, lr: float, checkpoint_step: int | None) -> FitError:
+    saved = f"the last checkpoint is of step {checkpoint_step}" if checkpoint_step else "no checkpoint was written yet"
+    return FitError(f"the {what} became nan or inf at step {step} (the guide keeps the parameters of step {step - 1}; "
+                    f"{saved}): lower the learning rate (e.g. lr={lr / 10:g})", step, checkpoint_step, what)
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """Within the block, a first SIGINT (Ctrl-C) only sets the flag the yielded function reads, so
+    the fit can finish its step and checkpoint it; a second one interrupts at once. Outside the
+    main thread signals cannot be caught, and SIGINT keeps its usual effect."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def check_fit_settings(steps: int | None, epochs: float | None, batch_size: int, lr: float) -> None:
+    """Refuse a training length, batch size or learning rate that cannot work (before any loading)."""
+    if (steps is None) == (epochs is None):
+        raise ConfigError("give exactly one of --steps and --epochs")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be ≥ 1, got {steps}")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError(f"--epochs must be a positive number, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"the batch size must be ≥ 1, got {batch_size}; e.g. --batch-size 8")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"the learning rate must be a positive number, got {lr}; e.g. --lr 1e-3")
+
+
 def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if not lr > 0 or not math.isfinite(lr):
-        raise ConfigError(f"learning rate must be a positive number, got {lr}")
     if name == "adam":
         return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -144,14 +198,20 @@ def fit(
         seed: seeds Pyro, torch and the batch order.
         bf16: bf16 autocast of the forward pass (CUDA, or CPUs with bf16 support such as AMX);
             factors, guide parameters and the likelihood's log-softmax stay float32.
-        on_checkpoint: called with the :class:`TrainState` after every check (e.g. to save it).
+        on_checkpoint: called with the :class:`TrainState` after every check (e.g. to save it),
+            and after the step at which a SIGINT (Ctrl-C) arrived.
         resume: a saved :class:`TrainState` to continue from; with the same arguments the fit then
-            ends with the same parameters, bit for bit on CPU, as one that was never stopped.
+            ends with the same parameters, bit for bit on CPU, as one that was never stopped. A
+            different ``lr`` replaces the saved one (e.g. to continue after a :class:`FitError`).
+
+    Raises:
+        FitError: the loss or its gradient stopped being finite; the guide keeps the parameters of
+            the step before, and nothing is passed to ``on_checkpoint`` for the failed step.
+        FitInterrupted: a SIGINT arrived; the step it arrived in was finished and checkpointed
+            (``on_checkpoint``), so ``resume`` continues exactly after it. The guide keeps that
+            step's parameters. A second SIGINT interrupts at once, with a plain KeyboardInterrupt.
     """
-    if (steps is None) == (epochs is None):
-        raise ConfigError("give exactly one of steps and epochs")
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be ≥ 1, got {batch_size}")
+    check_fit_settings(steps, epochs, batch_size, lr)
     steps_per_epoch = math.ceil(len(corpus.train) / batch_size)
     total_steps = steps if steps is not None else math.ceil(epochs * steps_per_epoch)
     if total_steps < 1:
@@ -167,70 +227,101 @@ def fit(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
-    optim = make_optimizer(optimizer, [p for p in guide.parameters() if p.requires_grad], lr, weight_decay)
+    parameters = [p for p in guide.parameters() if p.requires_grad]
+    optim = make_optimizer(optimizer, parameters, lr, weight_decay)
 
     result = FitResult(steps=0, best_step=0, stopped_early=False)
     best_nll, best_state, checks_without_gain = math.inf, None, 0
+    window, checkpoint_step = dict(EMPTY_WINDOW), None
     if resume is not None:
         guide.load_state_dict(resume.guide)
         optim.load_state_dict(resume.optimizer)
+        for group in optim.param_groups:
+            group["lr"] = lr
         set_rng_state(resume.rng)
         batches.restore(resume.batches)
         result.steps, result.best_step, result.history = resume.step, resume.best_step, list(resume.history)
         best_nll, best_state, checks_without_gain = resume.best_nll, resume.best_guide, resume.checks_without_gain
-    window_log_lik, window_tokens, window_loss = 0.0, 0, 0.0
+        window, checkpoint_step = dict(resume.window), resume.step
+
+    def checkpoint(step: int) -> None:
+        nonlocal checkpoint_step
+        if on_checkpoint is not None and checkpoint_step != step:
+            on_checkpoint(TrainState(
+                step=step, guide=guide.state_dict(), optimizer=optim.state_dict(), rng=get_rng_state(),
+                batches=batches.state(), best_guide=best_state, best_nll=best_nll, best_step=result.best_step,
+                checks_without_gain=checks_without_gain, history=result.history, window=dict(window),
+            ))
+            checkpoint_step = step
+
+    def check(step: int) -> bool:
+        """Record a history entry, validate, checkpoint; whether patience has run out."""
+        nonlocal best_nll, best_state, checks_without_gain
+        entry = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "elbo": -window["loss"] / window_steps(step, eval_every),
+            "train_perplexity": window_perplexity(window),
+        }
+        window.update(EMPTY_WINDOW)
+        if validate:
+            with autocast:
+                report = evaluate(model, guide, corpus, "validation")
+            entry["validation_perplexity"] = report["perplexity"]
+            if report["nll"] < best_nll:
+                best_nll, checks_without_gain, result.best_step = report["nll"], 0, step
+                best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+            else:
+                checks_without_gain += 1
+        result.history.append(entry)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k not in ("step", "epoch")})
+        checkpoint(step)
+        return patience is not None and checks_without_gain >= patience
+
     bar = tqdm(range(result.steps + 1, total_steps + 1), desc="fit", disable=not progress, dynamic_ncols=True,
                initial=result.steps, total=total_steps)
-    for step in bar:
-        batch = next(batches).to(device)
-        with autocast:
-            loss = elbo.differentiable_loss(traced_model, guide, batch)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        log_likelihood = traced_model.trace.nodes["_RETURN"]["value"]  # the model returns it, [batch]
-        window_log_lik += float(log_likelihood.detach().sum())
-        window_tokens += batch.num_predicted_tokens
-        window_loss += float(loss.detach())
-        result.steps = step
-        if progress and step % 10 == 0:
-            bar.set_postfix(elbo=f"{-window_loss / window_steps(step, eval_every):.4g}",
-                            train_ppl=f"{math.exp(-window_log_lik / max(window_tokens, 1)):.4g}", refresh=False)
-
-        if step % eval_every == 0 or step == total_steps:
-            entry = {
-                "step": step,
-                "epoch": step / steps_per_epoch,
-                "elbo": -window_loss / window_steps(step, eval_every),
-                "train_perplexity": math.exp(-window_log_lik / max(window_tokens, 1)),
-            }
-            window_log_lik, window_tokens, window_loss = 0.0, 0, 0.0
-            if validate:
+    with deferred_sigint() as interrupted, contextlib.closing(bar):
+        for step in bar:
+            batch = next(batches).to(device)
+            try:
                 with autocast:
-                    report = evaluate(model, guide, corpus, "validation")
-                entry["validation_perplexity"] = report["perplexity"]
-                if report["nll"] < best_nll:
-                    best_nll, checks_without_gain, result.best_step = report["nll"], 0, step
-                    best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-                else:
-                    checks_without_gain += 1
-            result.history.append(entry)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k not in ("step", "epoch")})
-            if on_checkpoint is not None:
-                on_checkpoint(TrainState(
-                    step=step, guide=guide.state_dict(), optimizer=optim.state_dict(), rng=get_rng_state(),
-                    batches=batches.state(), best_guide=best_state, best_nll=best_nll,
-                    best_step=result.best_step, checks_without_gain=checks_without_gain, history=result.history,
-                ))
-            if patience is not None and checks_without_gain >= patience:
+                    loss = elbo.differentiable_loss(traced_model, guide, batch)
+            except ValueError as error:  # Pyro's validation of a distribution fed nan
+                if "invalid values" not in str(error):
+                    raise
+                raise not_finite("loss", step, lr, checkpoint_step) from None
+            if not torch.isfinite(loss):
+                raise not_finite("loss", step, lr, checkpoint_step)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if not all_finite(p.grad for p in parameters if p.grad is not None):
+                raise not_finite("gradient", step, lr, checkpoint_step)
+            optim.step()
+            log_likelihood = traced_model.trace.nodes["_RETURN"]["value"]  # the model returns it, [batch]
+            window["log_likelihood"] += float(log_likelihood.detach().sum())
+            window["tokens"] += batch.num_predicted_tokens
+            window["loss"] += float(loss.detach())
+            result.steps = step
+            if progress and step % 10 == 0:
+                bar.set_postfix(elbo=f"{-window['loss'] / window_steps(step, eval_every):.4g}",
+                                train_ppl=f"{window_perplexity(window):.4g}", refresh=False)
+
+            if (step % eval_every == 0 or step == total_steps) and check(step):
                 result.stopped_early = True
                 break
-    bar.close()
+            if interrupted():
+                checkpoint(step)
+                raise FitInterrupted(step)
     if best_state is not None:
         guide.load_state_dict(best_state)
     else:
         result.best_step = result.steps
     return result
+
+
+def window_perplexity(window: dict) -> float:
+    """Training perplexity of the steps since the last check."""
+    return math.exp(-window["log_likelihood"] / max(window["tokens"], 1))
 
 
 def get_rng_state() -> dict:

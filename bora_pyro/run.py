@@ -21,17 +21,17 @@ import torch
 import transformers
 
 from . import __version__
-from .adapted_lm import MultiTaskLM, load_tokenizer, weights_fingerprint
+from .adapted_lm import MultiTaskLM, check_vocabulary, load_tokenizer, weights_fingerprint
 from .data import Batch, MultiTaskCorpus
-from .errors import CheckpointError, ConfigError
-from .fit import TrainState
-from .guides import map_guide, mean_field_guide
-from .models import BoRA, HierarchicalNormal, Independent, Joint
+from .errors import CheckpointError, ConfigError, WriteError, first_line
+from .fit import TrainState, check_fit_settings
+from .guides import hybrid_guide, map_guide, mean_field_guide
+from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperprior
 
 CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 PRIORS = ("hierarchical", "independent", "joint")
-GUIDES = ("map", "mean-field")
+GUIDES = ("map", "mean-field", "hybrid")
 
 
 @dataclass
@@ -44,8 +44,10 @@ class RunConfig:
     text_field: str = "text"
     prior: str = "hierarchical"
     tau: float = 100.0
+    tau_prior: str | None = None  # learn τ under this hyperprior ("gamma:2,0.02"); None: τ = tau
+    tau_per: str = "all"
     global_scale: float | None = 1.0
-    centered: bool = True
+    centered: bool | float = True  # False: offsets; a float c: LocScaleReparam(centered=c)
     guide: str = "map"
     init_scale: float = 1e-3
     rank: int = 8
@@ -79,10 +81,17 @@ class RunConfig:
                 f"tau must be a positive finite number for the hierarchical prior, got {self.tau}; "
                 "use --prior independent for τ = 0 and --prior joint for τ = ∞"
             )
+        if self.tau_prior is not None and self.prior != "hierarchical":
+            raise ConfigError("--tau-prior learns the τ of the hierarchical prior; drop it or use --prior hierarchical")
+        if self.prior == "hierarchical":
+            make_prior(self)  # refuses a bad --tau-prior, --tau-per or centring before anything loads
+        if self.tau_prior is not None and self.guide == "map":
+            raise ConfigError("--guide map cannot learn τ (MAP over τ and the task factors is degenerate: "
+                              "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
         if self.data is not None and not Path(self.data).is_file():
-            raise ConfigError(f"data file {self.data!r} does not exist")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+            raise ConfigError(f"data file {self.data!r} does not exist; check the --data path")
+        check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr)
+        check_device(self.device)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,9 +102,23 @@ class RunConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch does not know or this machine does not have, before loading anything."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                          f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+
+
 def make_prior(config: RunConfig):
     if config.prior == "hierarchical":
-        return HierarchicalNormal(config.tau, config.global_scale, config.centered)
+        tau = config.tau if config.tau_prior is None else parse_hyperprior(config.tau_prior)
+        return HierarchicalNormal(tau, config.global_scale, config.centered, tau_per=config.tau_per)
     if config.prior == "independent":
         return Independent(config.global_scale)
     return Joint(config.global_scale)
@@ -104,6 +127,8 @@ def make_prior(config: RunConfig):
 def make_guide(config: RunConfig, model: BoRA):
     if config.guide == "map":
         return map_guide(model, seed=config.seed)
+    if config.guide == "hybrid":
+        return hybrid_guide(model, init_scale=config.init_scale, seed=config.seed)
     return mean_field_guide(model, init_scale=config.init_scale, seed=config.seed)
 
 
@@ -113,7 +138,9 @@ def build_lm(config: RunConfig) -> tuple[MultiTaskLM, object]:
         config.model, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules
     )
     lm.check_max_length(config.max_length)
-    return lm.to(config.device), load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model)
+    check_vocabulary(lm.model, tokenizer)
+    return lm.to(config.device), tokenizer
 
 
 def load_corpus(config: RunConfig, tokenizer, data: str | None = None) -> MultiTaskCorpus:
@@ -140,15 +167,33 @@ def versions() -> dict[str, str]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(temp_path)``, then rename the temp file onto ``path``."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Call ``write(temp_path)``, then rename the temp file onto ``path``.
+
+    Raises:
+        WriteError: the folder is not writable or the disk is full; ``path`` is left as it was.
+    """
+    temp = None
     try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(temp)
         os.replace(temp, path)
+    except OSError as error:
+        raise WriteError(f"cannot write {path} ({error.strerror or first_line(error)}); its previous version "
+                         "is intact: free disk space or make the folder writable, then try again") from None
     finally:
-        if os.path.exists(temp):
+        if temp is not None and os.path.exists(temp):
             os.remove(temp)
+
+
+def make_dir(path: Path) -> Path:
+    """Create a folder (and its parents), with a one-line :class:`WriteError` if it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(f"cannot create the folder {path} ({error.strerror or first_line(error)}); "
+                         "choose a writable --out") from None
+    return path
 
 
 def write_json(path: Path, values: dict) -> None:
@@ -157,8 +202,7 @@ def write_json(path: Path, values: dict) -> None:
 
 def save_config(run_dir: str | Path, config: RunConfig) -> Path:
     """Write ``config.json`` (with the library versions) into ``run_dir``, created if needed."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_dir(Path(run_dir))
     config.versions = versions()
     write_json(run_dir / CONFIG_FILE, config.to_json())
     return run_dir
@@ -168,11 +212,13 @@ def read_config(run_dir: str | Path) -> RunConfig:
     """The :class:`RunConfig` of a run directory, refused if a newer major version wrote it."""
     config_path = Path(run_dir) / CONFIG_FILE
     if not config_path.is_file():
-        raise CheckpointError(f"{str(run_dir)!r} is not a run directory: it has no {CONFIG_FILE}")
+        raise CheckpointError(f"{str(run_dir)!r} is not a run directory: it has no {CONFIG_FILE}; "
+                              "pass the --out folder of a fit")
     try:
         config = RunConfig.from_json(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as error:
-        raise CheckpointError(f"{config_path} is not a valid run config ({error})") from None
+    except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is not a valid run config ({first_line(error)}); "
+                              "the file is corrupt: fit the run again") from None
     saved = config.versions.get("bora_pyro", __version__)
     if saved.split(".")[0] != __version__.split(".")[0]:
         raise CheckpointError(
@@ -233,12 +279,22 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
     config = read_config(run_dir)
     if device is not None:
         config.device = device
+    check_device(config.device)
     lm, tokenizer = build_lm(config)
     check_base_model(config, lm)
     model, guide = build_model(config, lm)
     init_guide(guide, lm, tokenizer.eos_token_id)
-    guide.load_state_dict(read_tensors(run_dir / GUIDE_FILE, lm.device)[0])
+    load_guide_state(guide, read_tensors(run_dir / GUIDE_FILE, lm.device)[0], run_dir / GUIDE_FILE)
     return Run(config, lm, tokenizer, model, guide)
+
+
+def load_guide_state(guide, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``guide.load_state_dict(state)``, with a one-line error if ``path``'s tensors do not fit the guide."""
+    try:
+        guide.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not match the run's config.json ({first_line(error).rstrip(':')}); "
+                              "the run directory mixes files of different runs: restore this run's own file") from None
 
 
 def read_tensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -249,7 +305,8 @@ def read_tensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[s
         with safetensors.safe_open(str(path), framework="pt", device=str(device)) as file:
             return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}; the file is truncated or corrupt") from None
+        raise CheckpointError(f"cannot read {path}: {first_line(error)}; the file is truncated or corrupt: "
+                              "restore it, or fit the run again") from None
 
 
 def save_checkpoint(run_dir: str | Path, state: TrainState) -> None:
@@ -275,17 +332,23 @@ def save_checkpoint(run_dir: str | Path, state: TrainState) -> None:
         "optimizer": {"param_groups": state.optimizer["param_groups"], "scalars": optimizer_state},
         "rng": {"python": state.rng["python"], "numpy": [numpy_state[0], *numpy_state[2:]]},
         "batches": {"epoch": state.batches["epoch"], "position": state.batches["position"]},
+        "window": state.window,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    make_dir(Path(run_dir))
     atomic_write(Path(run_dir) / CHECKPOINT_FILE,
                  lambda temp: safetensors.torch.save_file(tensors, temp, metadata={"train_state": json.dumps(metadata)}))
 
 
 def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> TrainState:
     """The :class:`~bora_pyro.fit.TrainState` saved by :func:`save_checkpoint`."""
-    tensors, metadata = read_tensors(Path(run_dir) / CHECKPOINT_FILE)
-    meta = json.loads(metadata["train_state"])
+    path = Path(run_dir) / CHECKPOINT_FILE
+    tensors, metadata = read_tensors(path)
+    try:
+        meta = json.loads(metadata["train_state"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has no train state in it; the file is truncated or corrupt: "
+                              "restore it, or fit the run again") from None
 
     def prefixed(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -308,4 +371,5 @@ def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> 
         best_guide={k: v.to(device) for k, v in prefixed("best.").items()} if meta["has_best"] else None,
         best_nll=meta["best_nll"], best_step=meta["best_step"],
         checks_without_gain=meta["checks_without_gain"], history=meta["history"],
+        **({"window": meta["window"]} if "window" in meta else {}),
     )
