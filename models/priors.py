@@ -17,7 +17,8 @@ the factors each task uses in the likelihood. Site names tell the guides what a 
 - any other site whose name ends in ``lora_A``/``lora_B``, optionally followed by ``_offset`` or
   ``_decentered``, also holds factors (e.g. offsets θ_d − Θ, or cluster centres
   ``cluster.<module>.lora_A``); guides start ``lora_A`` sites at peft's kaiming-uniform draw and
-  ``lora_B``/``_offset`` sites at 0, so the adapted model starts as the base model;
+  ``lora_B``/``_offset``/``_decentered`` sites at 0, so the adapted model starts as the base
+  model, and :func:`~bora_pyro.guides.hybrid_guide` gives the ``global.*`` sites a point mass;
 - every other latent site is a *hyperparameter*: a precision ``tau`` / ``tau.<group>``, a degrees
   of freedom, a mixing weight. A point estimate of a precision together with the factors it
   governs is degenerate (the density grows without bound as τ → ∞ and every task collapses onto

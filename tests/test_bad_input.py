@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import pyro.distributions
 import pytest
 import safetensors.torch
 import torch
@@ -87,6 +88,8 @@ ERRORS: dict[str, tuple[str, str, str]] = {
     "run-exists": ("`--out` that already holds a run", "already holds a run", "continue it with --resume"),
     "resume-flags": ("`--resume` with settings other than `--lr`/`--device`", "continues the run with the settings",
                      "only --lr, --lr-per-tau, --device and --quiet may change"),
+    "map-learned-tau": ("MAP (`--guide map`, `map_guide`) with a learned τ (`--tau-prior`)",
+                        "every task collapses onto Θ", "mean-field"),
     # faults
     "nan": ("the loss or its gradient becomes nan/inf", "became nan or inf at step", "lower the learning rate"),
     "interrupted": ("Ctrl-C (SIGINT) during `fit`: exit code 130", "interrupted after step",
@@ -418,6 +421,15 @@ def test_cuda_without_cuda(monkeypatch, run_dir, gpt2_dir, data, tmp_path, capsy
     assert snapshot(run_dir) == before
     api_error(ConfigError, "cuda", load_run, run_dir, device="cuda")
     api_error(ConfigError, "cuda", RunConfig(model=gpt2_dir, steps=1, device="cuda").validate)
+
+
+def test_map_over_a_learned_tau_is_refused(gpt2_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cli_error(fit_args(gpt2_dir, data, out, 12, "--tau-prior", "gamma:2,0.02"), capsys, "map-learned-tau")
+    assert not out.exists()
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2)
+    learned = HierarchicalNormal(pyro.distributions.Gamma(2.0, 0.02))
+    api_error(ConfigError, "map-learned-tau", map_guide, BoRA(lm, learned, 3))
 
 
 def test_a_fit_never_overwrites_a_run(run_dir, gpt2_dir, data, capsys):

@@ -14,10 +14,10 @@ import pytest
 import torch
 from pyro import poutine
 
-from bora_pyro import MultiTaskCorpus, MultiTaskLM, load_tokenizer
+from bora_pyro import MultiTaskCorpus, MultiTaskLM, evaluate_base, fit, load_tokenizer
 from bora_pyro.cli import main
 from bora_pyro.errors import ConfigError
-from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide
+from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, param_groups
 from bora_pyro.models import (
     BoRA, HierarchicalNormal, HierarchicalStudentT, Independent, Joint, hyperparameter_sites, parse_hyperprior,
 )
@@ -226,13 +226,45 @@ def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, 
     if make_guide is hybrid_guide:  # Θ a point, tasks and τ mean-field
         assert {name for name in guide[0].median()} == {f"global.{s.name}.lora_{f}" for s in lm.modules_spec for f in "AB"}
         assert "tau" in guide[1].median()
-    optimizer = torch.optim.Adam(guide.parameters(), lr=0.05)
+    names = {id(parameter): name for name, parameter in guide.named_parameters()}
+    locations, log_scales = (group["params"] for group in param_groups(guide, 0.05, 0.1))
+    assert all("lora_" in names[id(p)] and ".scales." not in f".{names[id(p)]}" for p in locations)
+    assert {"tau_unconstrained", "scales"} <= {part for p in log_scales for part in names[id(p)].split(".")}
+    assert len(locations) + len(log_scales) == len(names)
+    optimizer = torch.optim.Adam(param_groups(guide, 0.05, 0.1))
     for _ in range(3):
         loss = pyro.infer.Trace_ELBO().differentiable_loss(model, guide, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert torch.isfinite(loss) and float(guide.median()["tau"]) != float(values["tau"])
+
+
+def shared_b_prior(modules, tasks):
+    """The contract's example (models/priors.py, README): tasks differ in A only, τ learned."""
+    tau = pyro.sample("tau", dist.LogNormal(torch.tensor(4.6, device=tasks.device), 1.5))
+    factors = {}
+    for m in modules:
+        zeros_A = torch.zeros(m.shape_A, device=tasks.device)
+        zeros_B = torch.zeros(m.shape_B, device=tasks.device)
+        A = pyro.sample(f"global.{m.name}.lora_A", dist.Normal(zeros_A, 1.0).to_event(2))
+        B = pyro.sample(f"global.{m.name}.lora_B", dist.Normal(zeros_B, 1.0).to_event(2))
+        with tasks:
+            A_d = pyro.sample(f"task.{m.name}.lora_A", dist.Normal(A, tau**-0.5).to_event(2))
+        factors[m.name] = (A_d, B.expand(tasks.size, *m.shape_B))
+    return factors
+
+
+def test_the_contracts_example_prior_fits(gpt2_dir, synthetic_jsonl):
+    corpus = MultiTaskCorpus.from_file(synthetic_jsonl, load_tokenizer(gpt2_dir), task_field="speaker",
+                                       text_field="line", max_length=32, validation_size=0.2)
+    model = BoRA(MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4), shared_b_prior, corpus.num_tasks)
+    with pytest.raises(ConfigError, match="latent tau"):
+        map_guide(model)
+    guide = hybrid_guide(model)
+    result = fit(model, guide, corpus, steps=6, batch_size=8, lr=0.05, eval_every=3, progress=False)
+    assert result.history[-1]["validation_perplexity"] < evaluate_base(model.lm, corpus, "validation")["perplexity"]
+    assert "tau" in guide.median() and "global.transformer.h.0.attn.c_attn.lora_B" in guide[0].median()
 
 
 def fit_args(model_dir, data, out, *extra) -> list[str]:
