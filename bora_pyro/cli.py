@@ -1,4 +1,4 @@
-"""Command line: ``bora-pyro fit`` and ``bora-pyro evaluate`` (also ``python -m bora_pyro``)."""
+"""Command line: ``bora-pyro fit|evaluate|export|predict|generate`` (also ``python -m bora_pyro``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import NoReturn
 import datasets
 import transformers
 
+from .cli_predict import SEPARATOR, add_generate_arguments, add_predict_arguments, run_generate, run_predict
 from .errors import BoRAError, ConfigError, DataError, FitError, FitInterrupted
 from .evaluate import evaluate, evaluate_base
 from .export import check_request, export_peft, export_peft_all, save_merged
@@ -53,7 +54,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                              "independent); 'flat' for the paper's improper prior (MAP only)")
     parser.add_argument("--tau-prior", metavar="SPEC",
                         help="learn τ under this hyperprior instead of fixing it: gamma:SHAPE,RATE or "
-                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; needs --guide hybrid|mean-field")
+                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; needs --guide hybrid|mean-field, "
+                             "and --log-scale-lr 0.05 for τ to move at --lr 1e-3")
     parser.add_argument("--tau-per", choices=("all", "layer", "module", "factor", "module-factor"),
                         default=defaults.tau_per, help="one τ for all adapted modules, or one per layer, module, "
                                                        "factor (A vs B) or module and factor")
@@ -79,6 +81,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     lr = parser.add_mutually_exclusive_group()
     lr.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
     lr.add_argument("--lr-per-tau", type=float, help="the paper's lr ∝ τ: lr = this × τ")
+    parser.add_argument("--log-scale-lr", type=float,
+                        help="learning rate of the variational scales and of a latent τ (default: --lr); "
+                             "0.05 lets τ move within a few hundred steps")
     parser.add_argument("--optimizer", choices=("adam", "adamw"), default=defaults.optimizer)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--eval-every", type=int, help="steps between validation checks (default: an epoch)")
@@ -106,7 +111,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         guide=args.guide, init_scale=args.init_scale, rank=args.rank, alpha=args.alpha,
         target_modules=args.target_modules, max_length=args.max_length, test_size=args.test_size,
         validation_size=args.validation_size, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, lr=chosen_lr(args, args.tau), optimizer=args.optimizer,
+        batch_size=args.batch_size, lr=chosen_lr(args, args.tau), log_scale_lr=args.log_scale_lr,
+        optimizer=args.optimizer,
         weight_decay=args.weight_decay,
         eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device, bf16=args.bf16,
     )
@@ -182,7 +188,8 @@ def run_fit(args: argparse.Namespace) -> dict:
     try:
         result = fit(
             model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
-            lr=config.lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
+            lr=config.lr, log_scale_lr=config.log_scale_lr, optimizer=config.optimizer,
+            weight_decay=config.weight_decay,
             eval_every=config.eval_every, patience=config.patience, seed=config.seed, bf16=config.bf16,
             progress=not args.quiet, on_checkpoint=lambda state: save_checkpoint(run_dir, state), resume=resume,
         )
@@ -272,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate_parser.add_argument("--batch-size", type=int, default=16)
     evaluate_parser.add_argument("--device", default=None)
     add_export_arguments(commands.add_parser("export", help="write a task's adapter as a peft adapter or a merged model"))
+    add_predict_arguments(commands.add_parser(
+        "predict", help="per-task perplexity under posterior draws of the adapters: credible intervals, BMA, as JSON"))
+    add_generate_arguments(commands.add_parser("generate", help="text from a task's adapter"))
     args = parser.parse_args(argv)
     # the CLI prints JSON on stdout and one line per error on stderr: no loading progress bars
     transformers.utils.logging.disable_progress_bar()
@@ -279,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     datasets.disable_progress_bars()
     try:
         with one_line_warnings(args.command):
-            output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export}[args.command](args)
+            output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export, "predict": run_predict,
+                      "generate": run_generate}[args.command](args)
     except BoRAError as error:
         print(f"bora-pyro {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
@@ -291,5 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bora-pyro {args.command}: interrupted; no file was left half-written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(json.dumps(output, indent=2))
+    if args.command == "generate" and not args.json:
+        print(SEPARATOR.join(output))
+    else:
+        print(json.dumps(output, indent=2))
     return 0

@@ -13,7 +13,7 @@ import json
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,14 @@ class Batch:
             self.num_docs,
         )
 
+    @classmethod
+    def probe(cls, token_id: int = 0, device: torch.device | str = "cpu") -> Batch:
+        """One two-token document of task 0: enough to run a guide (its sites do not depend on the
+        data), e.g. to create its parameters or draw from it."""
+        ids = torch.full((1, 2), token_id, dtype=torch.long, device=device)
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        return cls(ids, torch.ones_like(ids), zero, zero, 1)
+
     @property
     def num_predicted_tokens(self) -> int:
         return int((self.attention_mask.sum(-1) - 1).clamp(min=0).sum())
@@ -66,6 +74,12 @@ class DocumentSet:
 
     def __len__(self) -> int:
         return len(self.documents)
+
+    def relabel(self, task_map: Mapping[int, int]) -> DocumentSet:
+        """The documents of the tasks in ``task_map``, their task ids mapped through it (e.g. a
+        file's own task order onto a fitted run's)."""
+        kept = [n for n, task in enumerate(self.task_ids) if task in task_map]
+        return DocumentSet([self.documents[n] for n in kept], [task_map[self.task_ids[n]] for n in kept])
 
     def batches(
         self, batch_size: int, pad_token_id: int, shuffle: bool = False, generator: torch.Generator | None = None

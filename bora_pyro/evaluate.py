@@ -60,17 +60,20 @@ def perplexity_report(
     return report
 
 
-def evaluate(model, guide, corpus, split: str = "test", batch_size: int = 16) -> dict:
-    """Per-task and overall perplexity of a split under the guide's posterior median (= mean for
-    AutoNormal, the MAP for AutoDelta). See :func:`perplexity_report` for the keys."""
-    factors = model.task_factors(guide.median())
+def evaluate_factors(lm, factors: Factors | None, corpus, split: str = "test", batch_size: int = 16) -> dict:
+    """Per-task and overall perplexity of a split under ``factors`` ([D, ...] per module: document
+    n uses row ``task_ids[n]``; None: the base model). See :func:`perplexity_report` for the keys."""
     documents = corpus.documents(split)
-    log_probs, tokens = document_log_probs(model.lm, factors, documents, corpus.pad_token_id, batch_size)
+    log_probs, tokens = document_log_probs(lm, factors, documents, corpus.pad_token_id, batch_size)
     return perplexity_report(log_probs, tokens, documents.task_ids, corpus.task_names)
+
+
+def evaluate(model, guide, corpus, split: str = "test", batch_size: int = 16) -> dict:
+    """The report of :func:`evaluate_factors` under the guide's posterior median (= mean for
+    AutoNormal, the MAP for AutoDelta)."""
+    return evaluate_factors(model.lm, model.task_factors(guide.median()), corpus, split, batch_size)
 
 
 def evaluate_base(lm, corpus, split: str = "test", batch_size: int = 16) -> dict:
     """The same report for the frozen base model without adapters."""
-    documents = corpus.documents(split)
-    log_probs, tokens = document_log_probs(lm, None, documents, corpus.pad_token_id, batch_size)
-    return perplexity_report(log_probs, tokens, documents.task_ids, corpus.task_names)
+    return evaluate_factors(lm, None, corpus, split, batch_size)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import Batch, MultiTaskCorpus
 from .errors import ConfigError, FitError, FitInterrupted
 from .evaluate import evaluate
+from .guides import param_groups
 
 
 @dataclass
@@ -144,7 +145,8 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def check_fit_settings(steps: int | None, epochs: float | None, batch_size: int, lr: float) -> None:
+def check_fit_settings(steps: int | None, epochs: float | None, batch_size: int, lr: float,
+                       log_scale_lr: float | None = None) -> None:
     """Refuse a training length, batch size or learning rate that cannot work (before any loading)."""
     if (steps is None) == (epochs is None):
         raise ConfigError("give exactly one of --steps and --epochs")
@@ -156,6 +158,9 @@ def check_fit_settings(steps: int | None, epochs: float | None, batch_size: int,
         raise ConfigError(f"the batch size must be ≥ 1, got {batch_size}; e.g. --batch-size 8")
     if not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"the learning rate must be a positive number, got {lr}; e.g. --lr 1e-3")
+    if log_scale_lr is not None and not (math.isfinite(log_scale_lr) and log_scale_lr > 0):
+        raise ConfigError(f"the log-scale learning rate must be a positive number, got {log_scale_lr}; "
+                          "e.g. --log-scale-lr 0.05")
 
 
 def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -175,6 +180,7 @@ def fit(
     epochs: float | None = None,
     batch_size: int = 8,
     lr: float = 1e-3,
+    log_scale_lr: float | None = None,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     eval_every: int | None = None,
@@ -192,6 +198,10 @@ def fit(
         batch_size: documents per step, from mixed tasks.
         lr, optimizer, weight_decay: torch optimizer (``"adam"`` or ``"adamw"``) settings. For MAP
             at large τ the paper scales lr with τ: see :func:`paper_lr`.
+        log_scale_lr: when given, the learning rate of the variational scales and of every
+            hyperparameter site (a latent τ), ``lr`` staying that of the factors' locations (see
+            :func:`bora_pyro.guides.param_groups`); ~0.05 lets a learned τ move within a few
+            hundred steps. None: ``lr`` for every parameter.
         eval_every: steps between validation checks (default: once per epoch); needs a
             non-empty validation split, otherwise the last parameters are kept.
         patience: stop after this many checks without improvement (None: never stop early).
@@ -211,7 +221,7 @@ def fit(
             (``on_checkpoint``), so ``resume`` continues exactly after it. The guide keeps that
             step's parameters. A second SIGINT interrupts at once, with a plain KeyboardInterrupt.
     """
-    check_fit_settings(steps, epochs, batch_size, lr)
+    check_fit_settings(steps, epochs, batch_size, lr, log_scale_lr)
     steps_per_epoch = math.ceil(len(corpus.train) / batch_size)
     total_steps = steps if steps is not None else math.ceil(epochs * steps_per_epoch)
     if total_steps < 1:
@@ -228,7 +238,9 @@ def fit(
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
     parameters = [p for p in guide.parameters() if p.requires_grad]
-    optim = make_optimizer(optimizer, parameters, lr, weight_decay)
+    group_lrs = [lr] if log_scale_lr is None else [lr, log_scale_lr]
+    groups = [{"params": parameters}] if log_scale_lr is None else param_groups(guide, lr, log_scale_lr)
+    optim = make_optimizer(optimizer, groups, lr, weight_decay)
 
     result = FitResult(steps=0, best_step=0, stopped_early=False)
     best_nll, best_state, checks_without_gain = math.inf, None, 0
@@ -236,8 +248,8 @@ def fit(
     if resume is not None:
         guide.load_state_dict(resume.guide)
         optim.load_state_dict(resume.optimizer)
-        for group in optim.param_groups:
-            group["lr"] = lr
+        for group, group_lr in zip(optim.param_groups, group_lrs, strict=True):
+            group["lr"] = group_lr
         set_rng_state(resume.rng)
         batches.restore(resume.batches)
         result.steps, result.best_step, result.history = resume.step, resume.best_step, list(resume.history)

@@ -60,6 +60,7 @@ class RunConfig:
     epochs: float | None = None
     batch_size: int = 8
     lr: float = 1e-3
+    log_scale_lr: float | None = None  # lr of variational scales and of a latent τ; None: lr
     optimizer: str = "adam"
     weight_decay: float = 0.0
     eval_every: int | None = None
@@ -90,7 +91,7 @@ class RunConfig:
                               "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
         if self.data is not None and not Path(self.data).is_file():
             raise ConfigError(f"data file {self.data!r} does not exist; check the --data path")
-        check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr)
+        check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr, self.log_scale_lr)
         check_device(self.device)
 
     def to_json(self) -> dict:
@@ -266,11 +267,8 @@ def build_model(config: RunConfig, lm: MultiTaskLM) -> tuple[BoRA, object]:
 
 def init_guide(guide, lm: MultiTaskLM, eos_token_id: int) -> None:
     """Create the guide's parameters by running it once on a two-token document of task 0."""
-    ids = torch.full((1, 2), eos_token_id, dtype=torch.long, device=lm.device)
-    batch = Batch(ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long, device=lm.device),
-                  torch.zeros(1, dtype=torch.long, device=lm.device), 1)
     with torch.no_grad():
-        guide(batch)
+        guide(Batch.probe(eos_token_id, lm.device))
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> Run:

@@ -98,8 +98,9 @@ def tau_table(results: dict) -> list[str]:
     learned = results.get("learned_tau")
     if learned:
         low, high = learned["tau_ci"]
-        lines.append(f"| learned τ ≈ {learned['tau_mean']:.2f} (CI {low:.2f}–{high:.2f}) "
-                     f"| {learned['perplexity']:.2f} | – | – | – |")
+        validation = f"{learned['validation_perplexity']:.2f}" if "validation_perplexity" in learned else "–"
+        lines.append(f"| learned τ (one run, no sweep): posterior mean {learned['tau_mean']:.4g}, 90 % interval "
+                     f"{low:.4g}–{high:.4g} | {learned['perplexity']:.2f} | – | {validation} | – |")
     return lines + [""]
 
 

@@ -11,7 +11,9 @@
    (one learning rate serves every τ), early stopping on the validation split (carved from the
    training documents); test perplexity per speaker.
 4. Mean-field VI (AutoNormal) at the τ that is best on validation.
-5. ``results.json``, ``results.md`` and three PNG plots in ``--out``.
+5. No sweep: τ learned under a broad hyperprior (MAP Θ, mean-field task offsets and τ), one run
+   of 2 × ``--steps``, with τ's posterior mean and 90 % interval.
+6. ``results.json``, ``results.md`` and three PNG plots in ``--out``.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ import sys
 import time
 from pathlib import Path
 
+import pyro.distributions as dist
 import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, evaluate, evaluate_base, fit, load_tokenizer
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers
-from bora_pyro.guides import map_guide, mean_field_guide
-from bora_pyro.models import BoRA, prior_from_tau
+from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, quantiles
+from bora_pyro.models import BoRA, HierarchicalNormal, prior_from_tau
 from bora_pyro.pretrain import BaseModelConfig, load_info, pretrain_base
 from report import write_report  # examples/report.py: results.md and the plots
 
 FULL_TAUS = [0.0, 100.0, 1e3, 1e4, math.inf]
 QUICK_TAUS = [0.0, 100.0, math.inf]
 PAPER = {0: 16.80, 1: 16.59, 10: 12.85, 100: 12.82, 1000: 13.26, 10000: 13.91}
+TAU_HYPERPRIOR = dist.LogNormal(math.log(1e3), 2.0)  # broad: 95 % of its mass in [20, 5e4]
+Z_90 = 1.6449  # the standard Normal's 95 % quantile
 
 
 def tau_label(tau: float) -> str | float:
@@ -60,10 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 forward passes")
     parser.add_argument("--skip-mean-field", action="store_true", help="only the MAP sweep (e.g. to pick the lr)")
+    parser.add_argument("--skip-learned-tau", action="store_true", help="no fit with τ learned")
+    parser.add_argument("--learned-tau-steps", type=int, default=None,
+                        help="max SVI steps of the learned-τ fit (default 2 × --steps)")
+    parser.add_argument("--log-scale-lr", type=float, default=0.05,
+                        help="lr of log τ and of the variational scales in the learned-τ fit")
     args = parser.parse_args(argv)
     args.taus = args.taus or (QUICK_TAUS if args.quick else FULL_TAUS)
     args.seeds = args.seeds or (1 if args.quick else 2)
     args.steps = args.steps or (24 if args.quick else 250)
+    args.learned_tau_steps = args.learned_tau_steps or 2 * args.steps
     args.out = Path(args.out or ("examples/results-quick" if args.quick else "examples/results"))
     return args
 
@@ -79,24 +90,49 @@ def factor_distances(model: BoRA, guide) -> list[float] | None:
     return (theta - torch.cat([g.flatten() for g in glob])).norm(dim=1).tolist()
 
 
-def run_fit(lm, corpus, tau: float, seed: int, args, guide_kind: str = "map") -> dict:
-    model = BoRA(lm, prior_from_tau(tau, centered=False), corpus.num_tasks)
-    guide = map_guide(model, seed=seed) if guide_kind == "map" else mean_field_guide(model, seed=seed)
+def fit_and_test(model: BoRA, guide, corpus, seed: int, args, steps: int, log_scale_lr: float | None = None) -> dict:
+    """Fit with early stopping on validation; test perplexity overall and per speaker."""
     started = time.time()
-    result = fit(model, guide, corpus, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    result = fit(model, guide, corpus, steps=steps, batch_size=args.batch_size, lr=args.lr, log_scale_lr=log_scale_lr,
                  eval_every=max(args.steps // 6, 1), patience=3, seed=seed, bf16=args.bf16, progress=False)
     test = evaluate(model, guide, corpus, "test")
-    record = {
-        "tau": tau_label(tau), "lr": args.lr, "seed": seed, "guide": guide_kind,
+    return {
+        "lr": args.lr, "seed": seed,
         "perplexity": test["perplexity"],
         "validation_perplexity": min(entry["validation_perplexity"] for entry in result.history),
         "tasks": {name: t["perplexity"] for name, t in test["tasks"].items()},
         "best_step": result.best_step, "steps": result.steps, "seconds": round(time.time() - started, 1),
         "distances": factor_distances(model, guide),
     }
-    print(f"τ={tau:<8g} seed={seed} {guide_kind:<10} test ppl {record['perplexity']:.2f}  "
-          f"val ppl {record['validation_perplexity']:.2f}  best step {result.best_step}/{result.steps}  "
-          f"{record['seconds']:.0f}s", flush=True)
+
+
+def print_run(label: str, record: dict) -> None:
+    print(f"{label:<28} test ppl {record['perplexity']:.2f}  val ppl {record['validation_perplexity']:.2f}  "
+          f"best step {record['best_step']}/{record['steps']}  {record['seconds']:.0f}s", flush=True)
+
+
+def run_fit(lm, corpus, tau: float, seed: int, args, guide_kind: str = "map") -> dict:
+    """One fit at a fixed τ: MAP (``"map"``) or mean-field VI (``"mean-field"``)."""
+    model = BoRA(lm, prior_from_tau(tau, centered=False), corpus.num_tasks)
+    guide = map_guide(model, seed=seed) if guide_kind == "map" else mean_field_guide(model, seed=seed)
+    record = {"tau": tau_label(tau), "guide": guide_kind} | fit_and_test(model, guide, corpus, seed, args, args.steps)
+    print_run(f"τ={tau:g} seed={seed} {guide_kind}", record)
+    return record
+
+
+def learned_tau_fit(lm, corpus, seed: int, args) -> dict:
+    """One fit with τ latent under ``TAU_HYPERPRIOR``: MAP for Θ, mean-field for the task offsets
+    and τ (:func:`hybrid_guide`), log τ at its own learning rate. τ's posterior is the guide's
+    LogNormal: mean ``median · exp(s²/2)`` with ``s`` read off the 95 % quantile."""
+    model = BoRA(lm, HierarchicalNormal(TAU_HYPERPRIOR, centered=False), corpus.num_tasks)
+    guide = hybrid_guide(model, seed=seed)
+    record = fit_and_test(model, guide, corpus, seed, args, args.learned_tau_steps, args.log_scale_lr)
+    low, median, high = (float(q) for q in quantiles(guide, [0.05, 0.5, 0.95])["tau"])
+    record |= {"tau": "learned", "guide": "hybrid", "log_scale_lr": args.log_scale_lr, "tau_median": median,
+               "tau_ci": [low, high],
+               "tau_mean": median * math.exp((math.log(high / median) / Z_90) ** 2 / 2)}
+    print_run(f"τ learned seed={seed}", record)
+    print(f"  τ posterior mean {record['tau_mean']:.4g}, 90 % interval [{low:.4g}, {high:.4g}]", flush=True)
     return record
 
 
@@ -111,6 +147,14 @@ def mean_over_seeds(runs: list[dict]) -> dict:
         "validation_perplexity": statistics.mean(run["validation_perplexity"] for run in runs),
         "tasks": {name: statistics.mean(run["tasks"][name] for run in runs) for name in runs[0]["tasks"]},
     }
+
+
+def learned_tau_summary(run: dict) -> dict:
+    """The learned-τ entry of results.json: test perplexity, τ's posterior mean and 90 % interval."""
+    return {key: run[key] for key in ("perplexity", "validation_perplexity", "tasks", "tau_mean", "tau_median",
+                                      "tau_ci", "steps", "best_step", "seconds")} | {
+        "hyperprior": "LogNormal(log 1e3, 2)", "guide": "hybrid (MAP Θ, mean-field task offsets and τ)",
+        "log_scale_lr": run["log_scale_lr"]}
 
 
 def main(argv=None) -> int:
@@ -142,16 +186,18 @@ def main(argv=None) -> int:
     mean_field_runs = [] if args.skip_mean_field else [
         run_fit(lm, corpus, best_tau, seed, args, "mean-field") for seed in range(args.seeds)
     ]
+    learned_runs = [] if args.skip_learned_tau else [learned_tau_fit(lm, corpus, 0, args)]  # one run, no sweep
 
     results = {
         "sweep": sweep,
         "mean_field": mean_over_seeds(mean_field_runs) if mean_field_runs else None,
+        "learned_tau": learned_tau_summary(learned_runs[0]) if learned_runs else None,
         "best_tau_on_validation": best["tau"],
         "base_model": {"perplexity": base_test["perplexity"],
                        "tasks": {n: t["perplexity"] for n, t in base_test["tasks"].items()}, **base_info},
         "tasks": {name: {"train_docs": c["train_docs"], "validation_docs": c["validation_docs"],
                          "test_docs": c["test_docs"]} for name, c in counts.items()},
-        "runs": runs + mean_field_runs,
+        "runs": runs + mean_field_runs + learned_runs,
         "settings": vars(args) | {"out": str(args.out), "taus": [tau_label(tau) for tau in args.taus]},
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python examples/shakespeare_speakers.py " + " ".join(sys.argv[1:] if argv is None else argv),

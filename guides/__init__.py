@@ -28,7 +28,7 @@ from bora_pyro.errors import ConfigError
 from bora_pyro.lora import kaiming_uniform_A
 from bora_pyro.models.priors import hyperparameter_sites, is_factor_site
 
-__all__ = ["LoRAInit", "hybrid_guide", "map_guide", "mean_field_guide", "param_groups"]
+__all__ = ["LoRAInit", "hybrid_guide", "map_guide", "mean_field_guide", "param_groups", "quantiles"]
 
 
 class LoRAInit:
@@ -128,3 +128,16 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
         is_location = is_factor_site(name.removesuffix("_unconstrained")) and ".scales." not in f".{name}"
         (locations if is_location else log_scales).append(parameter)
     return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]
+
+
+def quantiles(guide, probs: list[float]) -> dict[str, torch.Tensor]:
+    """Posterior quantiles of every latent site, [len(probs), *site shape], for any guide here:
+    also an :class:`AutoGuideList` with point-mass (``AutoDelta``) parts, whose every quantile is
+    the point (Pyro's own ``quantiles`` stops at those)."""
+    result = {}
+    for part in guide if isinstance(guide, AutoGuideList) else [guide]:
+        if isinstance(part, AutoDelta):
+            result.update({name: value.expand(len(probs), *value.shape) for name, value in part.median().items()})
+        else:
+            result.update(part.quantiles(probs))
+    return result

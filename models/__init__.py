@@ -17,10 +17,11 @@ from .priors import (
     hyperparameter_sites,
     parse_hyperprior,
     prior_from_tau,
+    shared_sites,
     site_name,
 )
 
 __all__ = [
     "BoRA", "HierarchicalNormal", "HierarchicalStudentT", "Independent", "Joint", "Precision",
-    "hyperparameter_sites", "parse_hyperprior", "prior_from_tau", "site_name",
+    "hyperparameter_sites", "parse_hyperprior", "prior_from_tau", "shared_sites", "site_name",
 ]

@@ -19,6 +19,7 @@ from pyro import poutine
 from bora_pyro.adapted_lm import MultiTaskLM
 from bora_pyro.data import Batch
 from bora_pyro.lora import AdaptedModule
+from bora_pyro.models.priors import shared_sites
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 Prior = Callable[[Sequence[AdaptedModule], pyro.plate], Factors]
@@ -55,6 +56,17 @@ class BoRA:
         (e.g. a guide's ``median()``): the prior is run with its sites fixed to ``values``."""
         with poutine.block(), poutine.condition(data=dict(values)):
             return self.prior(self.lm.modules_spec, self.tasks_plate())
+
+    def for_new_tasks(self, values: Mapping[str, torch.Tensor], num_new: int = 1) -> BoRA:
+        """The model of ``num_new`` unseen tasks given the shared sites (Θ, τ, …; those outside the
+        tasks plate) fixed at ``values``, e.g. a guide's ``median()`` or one posterior draw.
+
+        Its only latent sites are the new tasks', so its prior is p(θ_new | Θ, τ) and a guide
+        fitted to it (a few-shot fit of new tasks) cannot move Θ or τ.
+        """
+        shared = set(shared_sites(self.prior, self.lm.modules_spec, self.tasks_plate()))
+        fixed = {name: value for name, value in values.items() if name in shared}
+        return BoRA(self.lm, poutine.condition(self.prior, data=fixed), num_new)
 
     def __repr__(self) -> str:
         return f"BoRA(prior={self.prior!r}, num_tasks={self.num_tasks}, modules={len(self.lm.modules_spec)})"

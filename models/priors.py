@@ -404,10 +404,20 @@ def parse_hyperprior(spec: str) -> torch.distributions.Distribution:
                           "e.g. lognormal:4.6,1.5") from None
 
 
-def hyperparameter_sites(prior, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> list[str]:
-    """The latent sites of ``prior`` that hold no factors (precisions, scales, weights): see the
-    contract. The prior runs once at a feasible point, drawing no random numbers."""
+def latent_sites(prior, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> dict[str, dict]:
+    """The latent sample sites of ``prior``, by name (trace nodes). The prior runs once at a
+    feasible point, drawing no random numbers."""
     with poutine.block():
         trace = poutine.trace(InitMessenger(init_to_feasible)(prior)).get_trace(modules, tasks)
-    return [name for name, site in trace.iter_stochastic_nodes()
-            if not site_is_subsample(site) and not is_factor_site(name)]
+    return {name: site for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)}
+
+
+def hyperparameter_sites(prior, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> list[str]:
+    """The latent sites of ``prior`` that hold no factors (precisions, scales, weights): see the contract."""
+    return [name for name in latent_sites(prior, modules, tasks) if not is_factor_site(name)]
+
+
+def shared_sites(prior, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> list[str]:
+    """The latent sites of ``prior`` outside the tasks plate: what every task shares (Θ, τ, …)."""
+    return [name for name, site in latent_sites(prior, modules, tasks).items()
+            if all(frame.name != tasks.name for frame in site["cond_indep_stack"])]

@@ -109,6 +109,14 @@ ERRORS: dict[str, tuple[str, str, str]] = {
                    "load it with the base model it was fitted on"),
     "newer-version": ("a run written by another major version", "was written by bora-pyro",
                       "load it with that major version"),
+    # posterior predictive
+    "bad-samples": ("`predict --samples` below 1", "--samples must be ≥ 1", "e.g. --samples 32"),
+    "bad-interval": ("`predict --interval` outside (0, 1)", "--interval must be between 0 and 1",
+                     "e.g. --interval 0.9"),
+    "generate-unknown-task": ("`generate --task` the run was not fitted on", "unknown task",
+                              "or --new-task for an unseen one"),
+    "generation-flags": ("generation flags that transformers refuses (e.g. more return sequences than beams)",
+                         "invalid generation flags", "change them as it says"),
 }
 
 
@@ -672,6 +680,19 @@ def test_a_run_of_another_base_model_is_refused(run_dir, tmp_path, capsys):
     cli_error(["export", run_dir, "--task", "task0", "--out", tmp_path / "export"], capsys, "other-base")
     api_error(CheckpointError, "other-base", load_run, run_dir)
     assert snapshot(run_dir) == before and not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("key, flags", [
+    ("bad-samples", ["predict", "RUN", "--samples", "0"]),
+    ("bad-interval", ["predict", "RUN", "--interval", "1.5"]),
+    ("generate-unknown-task", ["generate", "RUN", "--task", "nobody", "--prompt", "w1"]),
+    ("generation-flags", ["generate", "RUN", "--task", "task0", "--prompt", "w1", "--num-beams", "2",
+                          "--num-return-sequences", "3"]),
+])
+def test_bad_predictive_requests(key, flags, run_dir, capsys):
+    before = snapshot(run_dir)
+    cli_error([run_dir if flag == "RUN" else flag for flag in flags], capsys, key)
+    assert snapshot(run_dir) == before
 
 
 def test_every_api_error_is_a_bora_error():

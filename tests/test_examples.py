@@ -5,21 +5,47 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_shakespeare_quick(tmp_path):
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache of pretrained base models for both Shakespeare examples (the quick base is pretrained once)."""
+    return tmp_path_factory.mktemp("base-models")
+
+
+def run_example(name: str, out: Path, cache_dir: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick", "--out", str(out),
+                    "--cache-dir", str(cache_dir)], check=True, timeout=600, cwd=ROOT)
+
+
+def test_shakespeare_quick(tmp_path, cache_dir):
     out = tmp_path / "results"
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "shakespeare_speakers.py"), "--quick", "--out", str(out),
-         "--cache-dir", str(tmp_path / "cache")],
-        check=True, timeout=600, cwd=ROOT,
-    )
+    run_example("shakespeare_speakers.py", out, cache_dir)
     results = json.loads((out / "results.json").read_text())
     assert [entry["tau"] for entry in results["sweep"]] == [0.0, 100.0, "inf"]
     assert len(results["tasks"]) == 25
-    for entry in results["sweep"] + [results["mean_field"]]:
+    for entry in results["sweep"] + [results["mean_field"], results["learned_tau"]]:
         assert set(entry["tasks"]) == set(results["tasks"]) and entry["perplexity"] > 1
+    low, high = results["learned_tau"]["tau_ci"]
+    assert 0 < low < results["learned_tau"]["tau_mean"] < high
     assert {"results.md", "perplexity_vs_tau.png", "improvement_vs_size.png", "distance_vs_size.png"} <= {
         p.name for p in out.iterdir()
     }
+    assert "learned τ" in (out / "results.md").read_text()
+
+
+def test_posterior_predictive_quick(tmp_path, cache_dir):
+    out = tmp_path / "predictive"
+    run_example("posterior_predictive.py", out, cache_dir)
+    results = json.loads((out / "predictive.json").read_text())
+    assert len(results["tasks"]) == 25 == len(results["generated"]) == len(results["shrinkage"])
+    for entry in [results["perplexity"], *results["tasks"].values()]:
+        assert entry["ci"][0] <= entry["median"] <= entry["ci"][1] and entry["bma"] <= entry["mean"]
+    unseen = results["unseen"]
+    assert len(unseen["speakers"]) == 8 and min(unseen["shots"].values()) == max(unseen["shots"].values()) == 10
+    assert all(unseen[key] > 1 for key in ("base_model", "global_adapter", "few_shot"))
+    assert {"predictive.md", "shrinkage.png", "run"} <= {p.name for p in out.iterdir()}
+    assert (out / "run" / "guide.safetensors").is_file()

@@ -17,11 +17,11 @@ from pyro import poutine
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, evaluate_base, fit, load_tokenizer
 from bora_pyro.cli import main
 from bora_pyro.errors import ConfigError
-from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, param_groups
+from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, param_groups, quantiles
 from bora_pyro.models import (
     BoRA, HierarchicalNormal, HierarchicalStudentT, Independent, Joint, hyperparameter_sites, parse_hyperprior,
 )
-from bora_pyro.run import load_run
+from bora_pyro.run import load_checkpoint, load_run
 from conftest import synthetic_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +238,10 @@ def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, 
         loss.backward()
         optimizer.step()
     assert torch.isfinite(loss) and float(guide.median()["tau"]) != float(values["tau"])
+    bounds = quantiles(guide, [0.05, 0.5, 0.95])  # Θ a point under the hybrid guide: all three equal
+    assert bounds["tau"][0] < bounds["tau"][1] < bounds["tau"][2] and set(bounds) == set(guide.median())
+    glob_A = bounds[f"global.{spec.name}.lora_A"]
+    assert torch.equal(glob_A[0], glob_A[2]) == (make_guide is hybrid_guide)
 
 
 def shared_b_prior(modules, tasks):
@@ -267,6 +271,22 @@ def test_the_contracts_example_prior_fits(gpt2_dir, synthetic_jsonl):
     assert "tau" in guide.median() and "global.transformer.h.0.attn.c_attn.lora_B" in guide[0].median()
 
 
+@pytest.mark.parametrize("log_scale_lr", [None, 0.05])
+def test_fit_gives_tau_its_own_learning_rate(gpt2_dir, synthetic_jsonl, log_scale_lr):
+    """Adam moves a parameter by about its lr per step: log τ moves ≤ 6 × 1e-3 in 6 steps at the
+    factors' lr, and by more than 6 × 0.05 / 2 at its own."""
+    corpus = MultiTaskCorpus.from_file(synthetic_jsonl, load_tokenizer(gpt2_dir), task_field="speaker",
+                                       text_field="line", max_length=32, validation_size=0.0)
+    model = BoRA(MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4),
+                 HierarchicalNormal(dist.LogNormal(math.log(50.0), 2.0), centered=0.0), corpus.num_tasks)
+    guide = hybrid_guide(model)
+    guide(corpus.train.collate([0], corpus.pad_token_id))
+    start = float(guide.median()["tau"])
+    fit(model, guide, corpus, steps=6, batch_size=8, lr=1e-3, log_scale_lr=log_scale_lr, progress=False)
+    moved = abs(math.log(float(guide.median()["tau"]) / start))
+    assert moved < 6e-3 + 1e-6 if log_scale_lr is None else moved > 0.06
+
+
 def fit_args(model_dir, data, out, *extra) -> list[str]:
     return ["fit", "--model", str(model_dir), "--data", str(data), "--task-field", "speaker", "--text-field", "line",
             "--rank", "2", "--steps", "4", "--batch-size", "8", "--lr", "0.05", "--max-length", "32",
@@ -276,11 +296,12 @@ def fit_args(model_dir, data, out, *extra) -> list[str]:
 def test_cli_learns_tau_and_load_run_rebuilds_it(gpt2_dir, synthetic_jsonl, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(fit_args(gpt2_dir, synthetic_jsonl, run_dir, "--tau-prior", "lognormal:4.6,1.5", "--tau-per", "factor",
-                         "--decentered", "--guide", "hybrid")) == 0
+                         "--decentered", "--guide", "hybrid", "--log-scale-lr", "0.2")) == 0
     test_perplexity = json.loads(capsys.readouterr().out)["test_perplexity"]
     config = json.loads((run_dir / "config.json").read_text())
-    assert (config["tau_prior"], config["tau_per"], config["centered"], config["guide"]) == (
-        "lognormal:4.6,1.5", "factor", 0.0, "hybrid")
+    assert (config["tau_prior"], config["tau_per"], config["centered"], config["guide"], config["log_scale_lr"]) == (
+        "lognormal:4.6,1.5", "factor", 0.0, "hybrid", 0.2)
+    assert [group["lr"] for group in load_checkpoint(run_dir).optimizer["param_groups"]] == [0.05, 0.2]
     run = load_run(run_dir)
     assert isinstance(run.model.prior.tau, dist.LogNormal) and type(run.model.prior.centered) is float
     assert {"tau.A", "tau.B"} <= set(run.guide.median())
@@ -293,6 +314,7 @@ def test_cli_learns_tau_and_load_run_rebuilds_it(gpt2_dir, synthetic_jsonl, tmp_
     (["--tau-prior", "gamma:2", "--guide", "hybrid"], "gamma:SHAPE,RATE"),
     (["--tau-prior", "gamma:2,0.02", "--prior", "joint", "--guide", "hybrid"], "--prior hierarchical"),
     (["--tau-prior", "gamma:2,0.02", "--lr-per-tau", "1e-5", "--guide", "hybrid"], "with --tau-prior give --lr"),
+    (["--tau-prior", "gamma:2,0.02", "--guide", "hybrid", "--log-scale-lr", "0"], "--log-scale-lr 0.05"),
 ])
 def test_cli_refuses_bad_learned_tau_settings(gpt2_dir, synthetic_jsonl, tmp_path, capsys, extra, message):
     args = fit_args(gpt2_dir, synthetic_jsonl, tmp_path / "run", *extra)

@@ -17,6 +17,7 @@ from bora_pyro.corpora.shakespeare import (
     parse_play,
     select_speakers,
     speeches_elsewhere,
+    unseen_speakers,
 )
 
 
@@ -471,3 +472,13 @@ def test_real_corpus_selection(real_plays: dict[str, list[Speech]]) -> None:
                 spoken[other] += n
         assert all(spoken[name] < 10 for name in names), play
     assert not {"FALSTAFF", "PRINCE HENRY", "KING HENRY V"} & {speaker for _, speaker in tasks}
+
+
+def test_unseen_speakers_come_from_task_plays_and_are_no_tasks(real_plays: dict[str, list[Speech]]) -> None:
+    corpus = select_speakers(real_plays)
+    unseen = unseen_speakers(real_plays, corpus, n_speakers=5, min_docs=30)
+    sizes = Counter(record["task"] for record in unseen)
+    assert len(sizes) == 5 and min(sizes.values()) >= 30
+    assert not set(sizes) & set(corpus.task_sizes())
+    assert {task.rsplit(" (", 1)[1].rstrip(")") for task in sizes} <= set(corpus.task_plays)
+    assert all(len(record["text"]) >= 20 for record in unseen)

@@ -61,6 +61,7 @@ __all__ = [
     "parse_play",
     "select_speakers",
     "speeches_elsewhere",
+    "unseen_speakers",
 ]
 
 #: Per play (file stem): speaker-heading variant -> canonical speaker name.
@@ -461,3 +462,25 @@ def select_speakers(
     ]
     base_texts = [speech.text for play in base_plays for speech in plays[play]]
     return SpeakerCorpus(tasks=tasks, task_plays=task_plays, base_plays=base_plays, base_texts=base_texts)
+
+
+def unseen_speakers(
+    plays: Mapping[str, list[Speech]], corpus: SpeakerCorpus, n_speakers: int = 8, min_chars: int = 20,
+    min_docs: int = 20,
+) -> list[dict]:
+    """Speakers of the task plays who are not tasks: for predictions on unseen tasks.
+
+    The ``n_speakers`` largest (play, speaker) pairs of ``corpus.task_plays`` with at least
+    ``min_docs`` speeches of ``min_chars`` characters, no group speakers, no task speaker; one
+    record ``{"task": "SPEAKER (play)", "text": speech}`` per speech, like ``corpus.tasks``.
+    """
+    tasks = {record["task"] for record in corpus.tasks}
+    sizes: Counter[tuple[str, str]] = Counter(
+        (play, speech.speaker) for play in corpus.task_plays for speech in plays[play]
+        if len(speech.text) >= min_chars and not is_group_speaker(speech.speaker)
+        and speech.speaker not in (*_SECTIONS, UNATTRIBUTED) and _task_id(play, speech.speaker) not in tasks
+    )
+    chosen = sorted((key for key, size in sizes.items() if size >= min_docs), key=lambda k: (-sizes[k], k))[:n_speakers]
+    return [{"task": _task_id(play, speech.speaker), "text": speech.text}
+            for play, speaker in sorted(chosen) for speech in plays[play]
+            if speech.speaker == speaker and len(speech.text) >= min_chars]

@@ -1,0 +1,211 @@
+"""Posterior predictive analysis of a fitted BoRA model, one adapter draw at a time.
+
+Every function here streams: it draws the latent sites from the guide, turns them into every
+task's factors, uses them and drops them before the next draw, so peak memory is that of one
+draw whatever the number of samples S (``pyro.infer.Predictive`` would hold all S at once, plus
+the guide's auxiliary sites).
+
+- :func:`posterior_factors`: S draws of every task's factors [D, ...].
+- :func:`predictive_perplexity`: per-task perplexity under S draws (mean, median, credible
+  interval), the Bayesian model average (log-mean-exp over draws per document) and the plug-in
+  perplexity of the posterior mean.
+- :func:`new_task_factors`, :func:`global_factors`: adapters of unseen tasks, drawn from
+  p(θ_new | Θ, τ), and the global adapter Θ.
+- :func:`shrinkage`: ‖θ̄_d − Θ̄‖ and the posterior spread of each task's factors.
+
+A few-shot fit of a new task is :meth:`BoRA.for_new_tasks <bora_pyro.models.BoRA.for_new_tasks>`
+followed by :func:`~bora_pyro.fit`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from .data import Batch, DocumentSet
+from .errors import ConfigError
+from .evaluate import Factors, document_log_probs
+
+#: A draw of every latent site of a guide: site name → value.
+SiteValues = Mapping[str, torch.Tensor]
+
+
+@torch.no_grad()
+def guide_draws(guide, batch: Batch, num_samples: int) -> Iterator[SiteValues]:
+    """``num_samples`` joint draws of the guide's latent sites, one at a time.
+
+    ``batch`` only lets the guide run (its sites do not depend on the data): any batch of the
+    model, e.g. :meth:`Batch.probe <bora_pyro.data.Batch.probe>`. Seed with ``pyro.set_rng_seed``.
+    """
+    for _ in range(num_samples):
+        yield {name: value.detach() for name, value in guide(batch).items()}
+
+
+def posterior_factors(model, guide, batch: Batch, num_samples: int) -> Iterator[Factors]:
+    """``num_samples`` posterior draws of every task's factors: module name → (lora_A [D, r, in],
+    lora_B [D, out, r]), one draw at a time."""
+    for values in guide_draws(guide, batch, num_samples):
+        yield model.task_factors(values)
+
+
+def new_task_factors(model, values: SiteValues, num_new: int = 1) -> Factors:
+    """Factors of ``num_new`` unseen tasks drawn from p(θ_new | Θ, τ), the shared sites (Θ, τ, …)
+    fixed at ``values`` (e.g. one posterior draw): [num_new, ...] per module."""
+    with torch.no_grad():
+        return model.for_new_tasks(values, num_new).task_factors({})
+
+
+def global_factors(model, values: SiteValues) -> Factors:
+    """The global adapter Θ as a one-task adapter, [1, ...] per module, from the values of the
+    ``global.<module>.lora_A|lora_B`` sites (e.g. ``guide.median()``).
+
+    Raises:
+        ConfigError: ``values`` hold no global factors (e.g. a fit with the ``Independent`` prior).
+    """
+    names = [(f"global.{spec.name}.lora_A", f"global.{spec.name}.lora_B") for spec in model.lm.modules_spec]
+    if not all(a in values and b in values for a, b in names):
+        raise ConfigError(f"the prior {model.prior!r} has no global adapter (no global.<module>.lora_A|lora_B sites)")
+    return {spec.name: (values[a][None], values[b][None]) for spec, (a, b) in zip(model.lm.modules_spec, names)}
+
+
+def summarize(sample_perplexities: torch.Tensor, bma: float, plugin: float | None, tokens: int,
+              interval: float) -> dict:
+    """``{"mean", "median", "ci", "bma", "plugin", "tokens"}`` from the perplexities of S draws [S]."""
+    tail = (1 - interval) / 2
+    low, median, high = torch.quantile(sample_perplexities.double(), torch.tensor([tail, 0.5, 1 - tail]).double())
+    return {"mean": float(sample_perplexities.double().mean()), "median": float(median), "ci": [float(low), float(high)],
+            "bma": bma, "plugin": plugin, "tokens": tokens}
+
+
+@torch.no_grad()
+def sample_perplexities(
+    lm,
+    draws: Iterator[Factors],
+    documents: DocumentSet,
+    task_names: Sequence[str],
+    pad_token_id: int,
+    plugin: Factors | None = None,
+    interval: float = 0.9,
+    batch_size: int = 16,
+) -> dict:
+    """Perplexity of ``documents`` under each draw of the factors, summarised per task and overall.
+
+    Args:
+        draws: S draws of the factors, [T, ...] per module; document n uses row
+            ``documents.task_ids[n]`` of each, named ``task_names[...]``.
+        plugin: one set of factors to report beside the draws (e.g. the posterior mean), or None.
+        interval: mass of the central credible interval of the per-draw perplexities.
+
+    Returns:
+        ``{"perplexity": {...}, "tasks": {name: {...}}, "samples": S}`` with, per task and overall,
+        ``mean`` (average over draws of each draw's perplexity), ``median``, ``ci`` = [lo, hi],
+        ``bma`` (the Bayesian model average: exp of minus the mean over tokens of
+        log (1/S) Σ_s p(doc | θ_s), per document), ``plugin`` and ``tokens``. Memory does not grow
+        with S: per draw only its per-task log-likelihood sums are kept.
+    """
+    if not 0 < interval < 1:
+        raise ValueError(f"interval must be in (0, 1), got {interval}")
+    task_ids = torch.as_tensor(documents.task_ids, dtype=torch.long)
+    num_groups = len(task_names) + 1  # the tasks, then all documents together
+    groups = torch.stack([task_ids, torch.full_like(task_ids, num_groups - 1)])  # [2, N]
+    per_draw: list[torch.Tensor] = []  # S × [groups] log-likelihood sums
+    running = torch.full((len(documents),), -math.inf, dtype=torch.float64)  # log Σ_s p(doc | θ_s)
+    tokens = None
+    for factors in draws:
+        log_probs, tokens = document_log_probs(lm, factors, documents, pad_token_id, batch_size)
+        running = torch.logaddexp(running, log_probs.double())
+        per_draw.append(group_sums(log_probs.double(), groups, num_groups))
+    if not per_draw:
+        raise ValueError("no draws: ask for at least one sample")
+    num_samples = len(per_draw)
+    token_sums = group_sums(tokens.double(), groups, num_groups)
+    sample_ppl = torch.exp(-torch.stack(per_draw) / token_sums.clamp(min=1))  # [S, groups]
+    bma_ppl = torch.exp(-(group_sums(running - math.log(num_samples), groups, num_groups)) / token_sums.clamp(min=1))
+    plugin_ppl = None
+    if plugin is not None:
+        plugin_log_probs, _ = document_log_probs(lm, plugin, documents, pad_token_id, batch_size)
+        plugin_ppl = torch.exp(-group_sums(plugin_log_probs.double(), groups, num_groups) / token_sums.clamp(min=1))
+
+    def entry(group: int) -> dict:
+        return summarize(sample_ppl[:, group], float(bma_ppl[group]),
+                         None if plugin_ppl is None else float(plugin_ppl[group]), int(token_sums[group]), interval)
+
+    return {"perplexity": entry(num_groups - 1),
+            "tasks": {name: entry(d) for d, name in enumerate(task_names) if token_sums[d] > 0},
+            "samples": num_samples}
+
+
+def group_sums(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Sums of ``values`` [N] per group, for each row of ``groups`` [K, N] (indices < num_groups): [num_groups]."""
+    sums = torch.zeros(num_groups, dtype=values.dtype)
+    for row in groups:
+        sums.index_add_(0, row, values)
+    return sums
+
+
+def predictive_perplexity(model, guide, corpus, split: str = "test", num_samples: int = 32,
+                          interval: float = 0.9, batch_size: int = 16) -> dict:
+    """Per-task and overall perplexity of a split of ``corpus`` under ``num_samples`` posterior
+    draws of the adapters, their Bayesian model average, and the plug-in perplexity of the guide's
+    median (see :func:`sample_perplexities` for the keys). Seed with ``pyro.set_rng_seed``."""
+    batch = Batch.probe(device=model.lm.device)
+    return sample_perplexities(
+        model.lm, posterior_factors(model, guide, batch, num_samples), corpus.documents(split), corpus.task_names,
+        corpus.pad_token_id, plugin=model.task_factors(guide.median()), interval=interval, batch_size=batch_size,
+    )
+
+
+def new_task_perplexity(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
+                        num_samples: int = 32, interval: float = 0.9, batch_size: int = 16) -> dict:
+    """Perplexity of documents of tasks the model was not fitted on, under the prior predictive:
+    each draw takes Θ, τ, … from the posterior and gives every unseen task its own adapter from
+    p(θ_new | Θ, τ). ``documents.task_ids`` index ``task_names``. No plug-in value."""
+    batch = Batch.probe(device=model.lm.device)
+    draws = (new_task_factors(model, values, len(task_names)) for values in guide_draws(guide, batch, num_samples))
+    return sample_perplexities(model.lm, draws, documents, task_names, pad_token_id, interval=interval,
+                               batch_size=batch_size)
+
+
+def flatten_factors(factors: Factors) -> torch.Tensor:
+    """Every module's (lora_A, lora_B) of T tasks as one [T, P] float64 matrix."""
+    return torch.cat([t.flatten(1) for pair in factors.values() for t in pair], dim=1).double()
+
+
+@torch.no_grad()
+def shrinkage(model, guide, task_sizes: Mapping[str, int], task_names: Sequence[str], num_samples: int = 32) -> dict:
+    """Shrinkage diagnostics per task, from ``num_samples`` posterior draws:
+
+    - ``distance``: ‖θ̄_d − Θ̄‖ over all factors of all modules (posterior means; θ̄_d from the
+      draws, Θ̄ the guide's median), and ``relative_distance`` = distance / ‖Θ̄‖;
+    - ``spread``: the posterior standard deviation of θ_d's entries, root-mean-square over entries;
+    - ``size``: ``task_sizes[name]`` (e.g. training documents).
+
+    Θ̄ is None (and so are the distances) when the prior has no global factors. Welford's running
+    moments keep memory at two [D, P] tensors whatever S.
+    """
+    batch = Batch.probe(device=model.lm.device)
+    mean, m2 = None, None
+    for s, factors in enumerate(posterior_factors(model, guide, batch, num_samples), start=1):
+        theta = flatten_factors(factors)
+        if mean is None:
+            mean, m2 = torch.zeros_like(theta), torch.zeros_like(theta)
+        delta = theta - mean
+        mean += delta / s
+        m2 += delta * (theta - mean)
+    spread = (m2 / max(num_samples - 1, 1)).mean(1).sqrt()  # [D]
+    try:
+        theta_global = flatten_factors(global_factors(model, guide.median()))[0]
+    except ConfigError:
+        theta_global = None
+    report = {}
+    for d, name in enumerate(task_names):
+        distance = None if theta_global is None else float((mean[d] - theta_global).norm())
+        report[name] = {
+            "distance": distance,
+            "relative_distance": None if distance is None else distance / max(float(theta_global.norm()), 1e-12),
+            "spread": float(spread[d]),
+            "size": task_sizes.get(name),
+        }
+    return report

@@ -1,0 +1,71 @@
+"""``bora-pyro predict`` and ``bora-pyro generate`` end to end on a tiny fitted run."""
+
+import json
+
+import pytest
+
+from bora_pyro.cli import main
+from bora_pyro.cli_predict import SEPARATOR
+from conftest import synthetic_records
+
+ENTRY_KEYS = {"mean", "median", "ci", "bma", "plugin", "tokens"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dirs):
+    root = tmp_path_factory.mktemp("predict")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(num_tasks=3, docs_per_task=20)))
+    out = root / "run"
+    assert main(["fit", "--model", tiny_model_dirs["gpt2"], "--data", str(data), "--task-field", "speaker",
+                 "--text-field", "line", "--rank", "2", "--steps", "6", "--batch-size", "8", "--lr", "0.05",
+                 "--max-length", "32", "--guide", "mean-field", "--init-scale", "0.05", "--out", str(out),
+                 "--quiet"]) == 0
+    return out
+
+
+def cli_json(args, capsys):
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_predict_prints_intervals_bma_and_plugin_per_task(run_dir, capsys):
+    report = cli_json(["predict", str(run_dir), "--samples", "5", "--seed", "1", "--shrinkage"], capsys)
+    assert set(report["perplexity"]) == ENTRY_KEYS and set(report["tasks"]) == {"task0", "task1", "task2"}
+    evaluated = cli_json(["evaluate", str(run_dir)], capsys)
+    assert report["perplexity"]["plugin"] == pytest.approx(evaluated["perplexity"], rel=1e-6)
+    for name, entry in report["tasks"].items():
+        assert set(entry) == ENTRY_KEYS and entry["tokens"] == evaluated["tasks"][name]["tokens"]
+        assert entry["ci"][0] < entry["median"] < entry["ci"][1] and entry["bma"] <= entry["mean"]
+    assert set(report["shrinkage"]["task0"]) == {"distance", "relative_distance", "spread", "size"}
+    again = cli_json(["predict", str(run_dir), "--samples", "5", "--seed", "1", "--shrinkage"], capsys)
+    assert again == report  # seeded
+
+
+def test_predict_scores_unseen_tasks_under_the_prior_predictive(run_dir, tmp_path, capsys):
+    records = synthetic_records(num_tasks=4, docs_per_task=4, seed=2)
+    for record in records:
+        record["speaker"] = {"task3": "newcomer"}.get(record["speaker"], record["speaker"])
+    data = tmp_path / "more.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = cli_json(["predict", str(run_dir), "--samples", "3", "--data", str(data)], capsys)
+    assert set(report["tasks"]) == {"task0", "task1", "task2"} and set(report["unseen"]["tasks"]) == {"newcomer"}
+    assert report["unseen"]["perplexity"]["plugin"] is None and report["unseen"]["perplexity"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("flags, count", [
+    ([], 1),
+    (["--sample", "--do-sample", "--top-k", "5", "--num-return-sequences", "2"], 2),
+    (["--num-beams", "3", "--num-return-sequences", "2"], 2),
+])
+def test_generate_prints_text(run_dir, capsys, flags, count):
+    assert main(["generate", str(run_dir), "--task", "task1", "--prompt", "w8 w9", "--max-new-tokens", "5",
+                 *flags]) == 0
+    texts = capsys.readouterr().out.rstrip("\n").split(SEPARATOR)
+    assert len(texts) == count and all(text.startswith("w8 w9") and len(text.split()) > 2 for text in texts)
+
+
+@pytest.mark.parametrize("which", [["--global"], ["--new-task", "--sample"]])
+def test_generate_from_the_global_or_a_new_task(run_dir, capsys, which):
+    texts = cli_json(["generate", str(run_dir), *which, "--prompt", "w1", "--max-new-tokens", "4", "--json"], capsys)
+    assert len(texts) == 1 and texts[0].startswith("w1")
