@@ -7,7 +7,7 @@ import argparse
 import pyro
 
 from .data import Batch, MultiTaskCorpus
-from .errors import ConfigError, DataError
+from .errors import BoRAError, ConfigError, DataError
 from .generation import generate
 from .predictive import (
     global_factors, guide_draws, new_task_factors, new_task_perplexity, posterior_factors, sample_perplexities,
@@ -20,7 +20,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--samples", type=int, default=32, help="posterior draws of the adapters (default 32)")
     parser.add_argument("--data", help="score every document of this file instead of the run's test split; "
-                                        "tasks the run was not fitted on are scored under the prior predictive")
+                                        "tasks the run was not fitted on are scored under the prior predictive, "
+                                        "in \"unseen\"")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.9, help="mass of the credible intervals (default 0.9)")
     parser.add_argument("--shrinkage", action="store_true",
@@ -64,11 +65,11 @@ def run_predict(args: argparse.Namespace) -> dict:
             interval=args.interval, batch_size=args.batch_size)
         output |= {"perplexity": report["perplexity"], "tasks": report["tasks"]}
     if unseen_names:
-        report = new_task_perplexity(run.model, run.guide, unseen, unseen_names, corpus.pad_token_id, args.samples,
-                                     args.interval, args.batch_size)
+        report = new_task_perplexity(run.model, run.guide, unseen, unseen_names, corpus.pad_token_id,
+                                     num_samples=args.samples, interval=args.interval, batch_size=args.batch_size)
         output["unseen"] = {"perplexity": report["perplexity"], "tasks": report["tasks"]}
     if args.shrinkage:
-        sizes = load_corpus(run.config, run.tokenizer).counts()
+        sizes = (corpus if args.data is None else load_corpus(run.config, run.tokenizer)).counts()
         output["shrinkage"] = shrinkage(run.model, run.guide, {n: c["train_docs"] for n, c in sizes.items()},
                                         run_tasks, args.samples)
     return output
@@ -79,14 +80,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", help="the task whose adapter writes")
     which.add_argument("--global", dest="global_adapter", action="store_true", help="the global adapter Θ")
-    which.add_argument("--new-task", action="store_true", help="an unseen task's adapter, drawn from p(θ | Θ, τ)")
+    which.add_argument("--new-task", action="store_true",
+                       help="an unseen task's adapter, always drawn from p(θ | Θ, τ) (--mean/--sample pick Θ, τ)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     draw = parser.add_mutually_exclusive_group()
     draw.add_argument("--mean", dest="sample", action="store_false",
                       help="adapters at the posterior mean (MAP for a MAP fit); the default")
     draw.add_argument("--sample", dest="sample", action="store_true", help="adapters of one posterior draw")
+    parser.set_defaults(sample=False)
     parser.add_argument("--max-new-tokens", type=int, default=50)
-    parser.add_argument("--do-sample", action="store_true", help="sample tokens (else greedy or beam search)")
+    parser.add_argument("--do-sample", action="store_true", default=None,
+                        help="sample tokens (else greedy or beam search)")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -129,9 +133,11 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     run = load_run(args.run_dir, device=args.device)
     pyro.set_rng_seed(args.seed)
     factors = adapter_for(run, args)
-    flags = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) not in (None, False)}
+    flags = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
     try:
         return generate(run.lm, run.tokenizer, factors, [args.prompt], [0], **flags)[0]
+    except BoRAError:
+        raise
     except ValueError as error:  # transformers' own check of the generation flags
         raise ConfigError(f"invalid generation flags ({' '.join(str(error).split())}); change them as it says "
                           "(see bora-pyro generate --help)") from None

@@ -68,6 +68,8 @@ def generate(lm: MultiTaskLM, tokenizer, factors: Factors, prompts: Sequence[str
         encoded = tokenizer(list(prompts), return_tensors="pt", padding=True).to(lm.device)
     finally:
         tokenizer.padding_side = padding_side
+    if encoded["input_ids"].shape[1] == 0:
+        raise ConfigError("the prompt is empty (it has no tokens): give it some text to continue")
     tasks = torch.as_tensor(list(prompt_tasks), dtype=torch.long, device=lm.device)
     with task_adapters(lm, factors, tasks):
         output = lm.model.generate(**encoded, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)

@@ -1,17 +1,18 @@
 """Posterior predictive analysis of a fitted BoRA model, one adapter draw at a time.
 
 Every function here streams: it draws the latent sites from the guide, turns them into every
-task's factors, uses them and drops them before the next draw, so peak memory is that of one
-draw whatever the number of samples S (``pyro.infer.Predictive`` would hold all S at once, plus
-the guide's auxiliary sites).
+task's factors, uses them and drops them, so at most two draws are alive at once, whatever the
+number of samples S (``pyro.infer.Predictive`` would hold all S at once, plus the guide's
+auxiliary sites).
 
 - :func:`posterior_factors`: S draws of every task's factors [D, ...].
 - :func:`predictive_perplexity`: per-task perplexity under S draws (mean, median, credible
   interval), the Bayesian model average (log-mean-exp over draws per document) and the plug-in
-  perplexity of the posterior mean.
+  perplexity at the guide's median (the posterior mean for AutoNormal's Normal sites, the MAP
+  for AutoDelta).
 - :func:`new_task_factors`, :func:`global_factors`: adapters of unseen tasks, drawn from
   p(θ_new | Θ, τ), and the global adapter Θ.
-- :func:`shrinkage`: ‖θ̄_d − Θ̄‖ and the posterior spread of each task's factors.
+- :func:`shrinkage`: ‖θ̂_d − Θ̂‖ at the guide's median and the posterior spread of each task's factors.
 
 A few-shot fit of a new task is :meth:`BoRA.for_new_tasks <bora_pyro.models.BoRA.for_new_tasks>`
 followed by :func:`~bora_pyro.fit`.
@@ -66,16 +67,16 @@ def global_factors(model, values: SiteValues) -> Factors:
     """
     names = [(f"global.{spec.name}.lora_A", f"global.{spec.name}.lora_B") for spec in model.lm.modules_spec]
     if not all(a in values and b in values for a, b in names):
-        raise ConfigError(f"the prior {model.prior!r} has no global adapter (no global.<module>.lora_A|lora_B sites)")
+        raise ConfigError(f"the prior {model.prior!r} has no global adapter Θ (no global.<module>.lora_A|lora_B "
+                          "sites): use a task's adapter (--task NAME)")
     return {spec.name: (values[a][None], values[b][None]) for spec, (a, b) in zip(model.lm.modules_spec, names)}
 
 
-def summarize(sample_perplexities: torch.Tensor, bma: float, plugin: float | None, tokens: int,
-              interval: float) -> dict:
-    """``{"mean", "median", "ci", "bma", "plugin", "tokens"}`` from the perplexities of S draws [S]."""
+def summarize(per_draw: torch.Tensor, bma: float, plugin: float | None, tokens: int, interval: float) -> dict:
+    """``{"mean", "median", "ci", "bma", "plugin", "tokens"}`` from the perplexities of S draws, [S] float64."""
     tail = (1 - interval) / 2
-    low, median, high = torch.quantile(sample_perplexities.double(), torch.tensor([tail, 0.5, 1 - tail]).double())
-    return {"mean": float(sample_perplexities.double().mean()), "median": float(median), "ci": [float(low), float(high)],
+    low, median, high = torch.quantile(per_draw, torch.tensor([tail, 0.5, 1 - tail], dtype=per_draw.dtype))
+    return {"mean": float(per_draw.mean()), "median": float(median), "ci": [float(low), float(high)],
             "bma": bma, "plugin": plugin, "tokens": tokens}
 
 
@@ -101,12 +102,12 @@ def sample_perplexities(
     Returns:
         ``{"perplexity": {...}, "tasks": {name: {...}}, "samples": S}`` with, per task and overall,
         ``mean`` (average over draws of each draw's perplexity), ``median``, ``ci`` = [lo, hi],
-        ``bma`` (the Bayesian model average: exp of minus the mean over tokens of
-        log (1/S) Σ_s p(doc | θ_s), per document), ``plugin`` and ``tokens``. Memory does not grow
-        with S: per draw only its per-task log-likelihood sums are kept.
+        ``bma`` (the Bayesian model average, pointwise: exp of minus the per-token mean of
+        log (1/S) Σ_s p(doc | θ_s) over the documents), ``plugin`` and ``tokens``. Memory does not
+        grow with S: per draw only its per-task log-likelihood sums are kept.
     """
     if not 0 < interval < 1:
-        raise ValueError(f"interval must be in (0, 1), got {interval}")
+        raise ConfigError(f"interval must be between 0 and 1, got {interval}; e.g. interval=0.9")
     task_ids = torch.as_tensor(documents.task_ids, dtype=torch.long)
     num_groups = len(task_names) + 1  # the tasks, then all documents together
     groups = torch.stack([task_ids, torch.full_like(task_ids, num_groups - 1)])  # [2, N]
@@ -117,8 +118,9 @@ def sample_perplexities(
         log_probs, tokens = document_log_probs(lm, factors, documents, pad_token_id, batch_size)
         running = torch.logaddexp(running, log_probs.double())
         per_draw.append(group_sums(log_probs.double(), groups, num_groups))
+        del factors  # before the next draw is made
     if not per_draw:
-        raise ValueError("no draws: ask for at least one sample")
+        raise ConfigError("no draws of the adapters: ask for at least one sample")
     num_samples = len(per_draw)
     token_sums = group_sums(tokens.double(), groups, num_groups)
     sample_ppl = torch.exp(-torch.stack(per_draw) / token_sums.clamp(min=1))  # [S, groups]
@@ -175,37 +177,37 @@ def flatten_factors(factors: Factors) -> torch.Tensor:
 
 @torch.no_grad()
 def shrinkage(model, guide, task_sizes: Mapping[str, int], task_names: Sequence[str], num_samples: int = 32) -> dict:
-    """Shrinkage diagnostics per task, from ``num_samples`` posterior draws:
+    """Shrinkage diagnostics per task:
 
-    - ``distance``: ‖θ̄_d − Θ̄‖ over all factors of all modules (posterior means; θ̄_d from the
-      draws, Θ̄ the guide's median), and ``relative_distance`` = distance / ‖Θ̄‖;
-    - ``spread``: the posterior standard deviation of θ_d's entries, root-mean-square over entries;
+    - ``distance``: ‖θ̂_d − Θ̂‖ over all factors of all modules, at the guide's median (a mean of
+      draws would add their Monte Carlo noise, P·σ²/S, largest for the smallest tasks), and
+      ``relative_distance`` = distance / ‖Θ̂‖; both None when the prior has no global factors;
+    - ``spread``: the posterior standard deviation of θ_d's entries from ``num_samples`` draws,
+      root-mean-square over entries (None for fewer than 2 draws);
     - ``size``: ``task_sizes[name]`` (e.g. training documents).
 
-    Θ̄ is None (and so are the distances) when the prior has no global factors. Welford's running
-    moments keep memory at two [D, P] tensors whatever S.
+    Welford's running moments keep memory at a few [D, P] tensors whatever S.
     """
-    batch = Batch.probe(device=model.lm.device)
-    mean, m2 = None, None
-    for s, factors in enumerate(posterior_factors(model, guide, batch, num_samples), start=1):
+    median = guide.median()
+    theta_hat = flatten_factors(model.task_factors(median))  # [D, P]
+    try:
+        theta_global = flatten_factors(global_factors(model, median))[0]  # [P]
+    except ConfigError:
+        theta_global = None
+    mean, m2 = torch.zeros_like(theta_hat), torch.zeros_like(theta_hat)
+    for s, factors in enumerate(posterior_factors(model, guide, Batch.probe(device=model.lm.device), num_samples), 1):
         theta = flatten_factors(factors)
-        if mean is None:
-            mean, m2 = torch.zeros_like(theta), torch.zeros_like(theta)
         delta = theta - mean
         mean += delta / s
         m2 += delta * (theta - mean)
-    spread = (m2 / max(num_samples - 1, 1)).mean(1).sqrt()  # [D]
-    try:
-        theta_global = flatten_factors(global_factors(model, guide.median()))[0]
-    except ConfigError:
-        theta_global = None
+    spread = (m2 / (num_samples - 1)).mean(1).sqrt() if num_samples > 1 else None  # [D]
     report = {}
     for d, name in enumerate(task_names):
-        distance = None if theta_global is None else float((mean[d] - theta_global).norm())
+        distance = None if theta_global is None else float((theta_hat[d] - theta_global).norm())
         report[name] = {
             "distance": distance,
             "relative_distance": None if distance is None else distance / max(float(theta_global.norm()), 1e-12),
-            "spread": float(spread[d]),
+            "spread": None if spread is None else float(spread[d]),
             "size": task_sizes.get(name),
         }
     return report

@@ -10,6 +10,7 @@ The likelihood of a batch is one ``pyro.factor`` per document inside
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import pyro
@@ -18,6 +19,7 @@ from pyro import poutine
 
 from bora_pyro.adapted_lm import MultiTaskLM
 from bora_pyro.data import Batch
+from bora_pyro.errors import ConfigError
 from bora_pyro.lora import AdaptedModule
 from bora_pyro.models.priors import shared_sites
 
@@ -57,15 +59,26 @@ class BoRA:
         with poutine.block(), poutine.condition(data=dict(values)):
             return self.prior(self.lm.modules_spec, self.tasks_plate())
 
+    @functools.cached_property
+    def shared_site_names(self) -> list[str]:
+        """The prior's latent sites outside the tasks plate: what every task shares (Θ, τ, …)."""
+        return shared_sites(self.prior, self.lm.modules_spec, self.tasks_plate())
+
     def for_new_tasks(self, values: Mapping[str, torch.Tensor], num_new: int = 1) -> BoRA:
         """The model of ``num_new`` unseen tasks given the shared sites (Θ, τ, …; those outside the
         tasks plate) fixed at ``values``, e.g. a guide's ``median()`` or one posterior draw.
 
         Its only latent sites are the new tasks', so its prior is p(θ_new | Θ, τ) and a guide
-        fitted to it (a few-shot fit of new tasks) cannot move Θ or τ.
+        fitted to it (a few-shot fit of new tasks) cannot move Θ or τ: they are copies.
+
+        Raises:
+            ConfigError: ``values`` lack a shared site.
         """
-        shared = set(shared_sites(self.prior, self.lm.modules_spec, self.tasks_plate()))
-        fixed = {name: value for name, value in values.items() if name in shared}
+        missing = [name for name in self.shared_site_names if name not in values]
+        if missing:
+            raise ConfigError(f"values for the new tasks' model lack the shared sites {', '.join(missing)}; "
+                              "pass a guide's median() or one of its draws")
+        fixed = {name: values[name].detach().clone() for name in self.shared_site_names}
         return BoRA(self.lm, poutine.condition(self.prior, data=fixed), num_new)
 
     def __repr__(self) -> str:

@@ -115,6 +115,9 @@ ERRORS: dict[str, tuple[str, str, str]] = {
                      "e.g. --interval 0.9"),
     "generate-unknown-task": ("`generate --task` the run was not fitted on", "unknown task",
                               "or --new-task for an unseen one"),
+    "empty-prompt": ("`generate --prompt ''`", "the prompt is empty", "give it some text"),
+    "no-global-adapter": ("`generate --global` for a run without global factors (`--prior independent`)",
+                          "has no global adapter", "use a task's adapter (--task NAME)"),
     "generation-flags": ("generation flags that transformers refuses (e.g. more return sequences than beams)",
                          "invalid generation flags", "change them as it says"),
 }
@@ -688,11 +691,19 @@ def test_a_run_of_another_base_model_is_refused(run_dir, tmp_path, capsys):
     ("generate-unknown-task", ["generate", "RUN", "--task", "nobody", "--prompt", "w1"]),
     ("generation-flags", ["generate", "RUN", "--task", "task0", "--prompt", "w1", "--num-beams", "2",
                           "--num-return-sequences", "3"]),
+    ("empty-prompt", ["generate", "RUN", "--task", "task0", "--prompt", ""]),
 ])
 def test_bad_predictive_requests(key, flags, run_dir, capsys):
     before = snapshot(run_dir)
-    cli_error([run_dir if flag == "RUN" else flag for flag in flags], capsys, key)
+    error = cli_error([run_dir if flag == "RUN" else flag for flag in flags], capsys, key)
+    assert key == "generation-flags" or "invalid generation flags" not in error
     assert snapshot(run_dir) == before
+
+
+def test_generate_from_the_global_adapter_of_a_prior_without_one(gpt2_dir, data, tmp_path, capsys):
+    out = tmp_path / "independent"
+    assert main(fit_args(gpt2_dir, data, out, 2, "--prior", "independent")) == 0
+    cli_error(["generate", out, "--global", "--prompt", "w1"], capsys, "no-global-adapter")
 
 
 def test_every_api_error_is_a_bora_error():

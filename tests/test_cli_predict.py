@@ -44,13 +44,31 @@ def test_predict_prints_intervals_bma_and_plugin_per_task(run_dir, capsys):
 
 def test_predict_scores_unseen_tasks_under_the_prior_predictive(run_dir, tmp_path, capsys):
     records = synthetic_records(num_tasks=4, docs_per_task=4, seed=2)
-    for record in records:
-        record["speaker"] = {"task3": "newcomer"}.get(record["speaker"], record["speaker"])
+    for record in records:  # the file's own task order differs from the run's
+        record["speaker"] = {"task3": "newcomer", "task0": "task2", "task2": "task0"}.get(record["speaker"],
+                                                                                        record["speaker"])
     data = tmp_path / "more.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     report = cli_json(["predict", str(run_dir), "--samples", "3", "--data", str(data)], capsys)
     assert set(report["tasks"]) == {"task0", "task1", "task2"} and set(report["unseen"]["tasks"]) == {"newcomer"}
     assert report["unseen"]["perplexity"]["plugin"] is None and report["unseen"]["perplexity"]["tokens"] > 0
+    seen_only = tmp_path / "seen.jsonl"
+    seen_only.write_text("".join(json.dumps(r) + "\n" for r in records if r["speaker"] != "newcomer"))
+    evaluated = cli_json(["evaluate", str(run_dir), "--data", str(seen_only)], capsys)
+    for name, entry in evaluated["tasks"].items():  # each task's documents scored with its own adapter
+        assert report["tasks"][name]["tokens"] == entry["tokens"]
+        assert report["tasks"][name]["plugin"] == pytest.approx(entry["perplexity"], rel=1e-6)
+
+
+def test_generate_defaults_to_the_posterior_mean(run_dir, capsys):
+    from bora_pyro import load_run
+    from bora_pyro.generation import generate
+
+    args = ["generate", str(run_dir), "--task", "task1", "--prompt", "w8 w9", "--max-new-tokens", "6", "--json"]
+    default, mean = cli_json(args, capsys), cli_json([*args, "--mean"], capsys)
+    run = load_run(run_dir)
+    factors = run.model.task_factors(run.guide.median())
+    assert default == mean == generate(run.lm, run.tokenizer, factors, ["w8 w9"], [1], max_new_tokens=6)[0]
 
 
 @pytest.mark.parametrize("flags, count", [

@@ -131,17 +131,25 @@ def test_few_shot_fit_touches_only_the_new_tasks(fitted, corpus):
     model, guide = fitted
     before = {name: value.clone() for name, value in guide.state_dict().items()}
     values = guide.median()
+    shared = {name: values[name].clone() for name in model.shared_site_names}
+    assert {name.split(".")[0] for name in shared} == {"global"}
     new_corpus = MultiTaskCorpus([(r["speaker"], r["line"]) for r in synthetic_records(num_tasks=2, seed=5)],
                                  corpus.tokenizer, max_length=32, test_size=0.5, validation_size=0.0)
     new_model = model.for_new_tasks(values, new_corpus.num_tasks)
     new_guide = map_guide(new_model)
-    new_guide(Batch.probe())  # creates its parameters: the new tasks start at Θ
+    new_guide(Batch.probe())  # creates its parameters: the new tasks start like LoRA, at the base model
     start = evaluate(new_model, new_guide, new_corpus, "test")["perplexity"]
     fit(new_model, new_guide, new_corpus, steps=10, batch_size=8, lr=0.05, progress=False)
-    assert all(torch.equal(before[name], value) for name, value in guide.state_dict().items())
+    assert evaluate(new_model, new_guide, new_corpus, "test")["perplexity"] < start
     fitted_sites = set(new_guide.median())
     assert fitted_sites and all(name.startswith("task.") for name in fitted_sites), fitted_sites
-    assert evaluate(new_model, new_guide, new_corpus, "test")["perplexity"] < start
+    # Θ is data of the new model, bit for bit the old posterior median, and the old guide is untouched
+    trace = pyro.poutine.trace(new_model).get_trace(new_corpus.train.collate([0, 1], new_corpus.pad_token_id))
+    for name, value in shared.items():
+        assert trace.nodes[name]["is_observed"] and torch.equal(trace.nodes[name]["value"], value)
+    assert all(torch.equal(before[name], value) for name, value in guide.state_dict().items())
+    with pytest.raises(ConfigError, match="lack the shared sites"):
+        model.for_new_tasks({}, 1)
 
 
 def test_shrinkage_distances_and_spreads(gpt2_dir, corpus):
@@ -164,6 +172,22 @@ def test_shrinkage_distances_and_spreads(gpt2_dir, corpus):
                 assert entry["spread"] > 0 and entry["distance"] > 0
 
 
+def test_shrinkage_matches_a_direct_computation(fitted, corpus):
+    model, guide = fitted
+    pyro.set_rng_seed(3)
+    report = shrinkage(model, guide, {}, corpus.task_names, num_samples=6)
+    pyro.set_rng_seed(3)
+    draws = torch.stack([torch.cat([t.flatten(1) for pair in f.values() for t in pair], 1).double()
+                         for f in posterior_factors(model, guide, Batch.probe(), 6)])  # [S, D, P]
+    median = guide.median()
+    theta = torch.cat([t.flatten(1) for pair in model.task_factors(median).values() for t in pair], 1)
+    glob = torch.cat([t.flatten() for pair in global_factors(model, median).values() for t in pair])
+    for d, name in enumerate(corpus.task_names):
+        assert report[name]["spread"] == pytest.approx(float(draws[:, d].var(0).mean().sqrt()), rel=1e-9)
+        assert report[name]["distance"] == pytest.approx(float((theta[d] - glob).norm()), rel=1e-6)
+        assert report[name]["size"] is None
+
+
 def two_task_factors(lm) -> dict:
     """Task 0: no update (the base model); task 1: a large random update of every module."""
     generator = torch.Generator().manual_seed(0)
@@ -178,6 +202,7 @@ def two_task_factors(lm) -> dict:
 
 DECODING = {
     "greedy": {},
+    "sampling-top-1": {"do_sample": True, "top_k": 1, "num_return_sequences": 3},  # deterministic
     "sampling": {"do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.8, "num_return_sequences": 3},
     "beam": {"num_beams": 3},
     "beam-3-returned": {"num_beams": 4, "num_return_sequences": 3},
@@ -193,7 +218,7 @@ def test_generation_decodes_each_prompt_with_its_own_task(tiny_model_dirs, model
     tokenizer = load_tokenizer(tiny_model_dirs[model_type])
     factors = two_task_factors(lm)
     kwargs = DECODING[mode] | {"max_new_tokens": 8, "min_new_tokens": 8}
-    prompts, tasks = ["w1 w2 w3", "w1 w2 w3", "w4 w5 w6"], [0, 1, 1]
+    prompts, tasks = ["w1 w2 w3", "w1 w2 w3", "w4 w5"], [0, 1, 1]  # the last one left-padded in a batch
 
     def run(prompts, tasks, **extra):
         torch.manual_seed(0)
