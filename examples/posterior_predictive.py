@@ -7,12 +7,12 @@
 2. A run directory fitted through the CLI (``bora-pyro fit``): τ learned (hybrid guide: MAP Θ,
    mean-field task offsets and τ), so every speaker's adapter has a posterior spread.
 3. Per speaker: test perplexity under S posterior draws (mean, 90 % interval), their Bayesian
-   model average, and the plug-in posterior mean (``bora-pyro predict RUN_DIR`` prints the same).
+   model average, and the plug-in at the guide's median (``bora-pyro predict RUN_DIR`` prints the same).
 4. One generated line per speaker, from its posterior-mean adapter.
 5. Unseen speakers (from the task plays, never fitted): base model vs the global adapter Θ vs the
    prior predictive (each draw: Θ, τ from the posterior, θ_new ~ p(θ | Θ, τ)) vs a few-shot fit
    of θ_new on ``--shots`` speeches each, Θ and τ held fixed.
-6. Shrinkage: ‖θ̄_d − Θ̄‖ and the posterior spread of θ_d against speaker size.
+6. Shrinkage: ‖θ̂_d − Θ̂‖ at the guide's median and the posterior spread of θ_d against speaker size.
 Writes ``predictive.json``, ``predictive.md`` and ``shrinkage.png`` in ``--out``.
 """
 
@@ -115,13 +115,19 @@ def plot_shrinkage(report: dict, path: Path) -> None:
     sizes = [entry["size"] for entry in report.values()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.scatter(sizes, [entry["distance"] for entry in report.values()])
-    left.set(xscale="log", xlabel="training speeches", ylabel="‖θ̄_d − Θ̄‖", title="distance to the global adapter")
+    left.set(xscale="log", xlabel="training speeches", ylabel="‖θ̂_d − Θ̂‖ (guide's median)",
+             title="distance to the global adapter")
     right.scatter(sizes, [entry["spread"] for entry in report.values()])
     right.set(xscale="log", xlabel="training speeches", ylabel="posterior sd of θ_d (rms over entries)",
               title="posterior spread")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def shots_text(shots: dict[str, int]) -> str:
+    low, high = min(shots.values()), max(shots.values())
+    return f"{low}" if low == high else f"{low}–{high}"
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -131,7 +137,7 @@ def write_markdown(results: dict, path: Path) -> None:
              f"- τ posterior median {results['tau']['median']:.4g}, 90 % interval "
              f"[{results['tau']['ci'][0]:.4g}, {results['tau']['ci'][1]:.4g}]", "",
              f"## Test perplexity under {results['samples']} posterior draws", "",
-             "| speaker | train speeches | mean | 90 % interval | BMA | plug-in (posterior mean) |",
+             "| speaker | train speeches | mean | 90 % interval | BMA | plug-in (guide's median) |",
              "|---|---|---|---|---|---|"]
     rows = [("**all**", "", overall)] + [(name, results["shrinkage"][name]["size"], entry)
                                          for name, entry in sorted(results["tasks"].items(),
@@ -143,13 +149,13 @@ def write_markdown(results: dict, path: Path) -> None:
     lines += ["", f"## Unseen speakers ({len(unseen['speakers'])}, held-out speeches)", "",
               "| adapter | perplexity |", "|---|---|",
               f"| base model, no adapter | {unseen['base_model']:.2f} |",
-              f"| global adapter Θ (posterior mean) | {unseen['global_adapter']:.2f} |",
+              f"| global adapter Θ (guide's median) | {unseen['global_adapter']:.2f} |",
               f"| prior predictive, BMA over {results['samples']} draws of θ_new ~ Normal(Θ, 1/τ) "
               f"| {unseen['prior_predictive']['bma']:.2f} |",
               f"| prior predictive, mean of draws (90 % interval) | {unseen['prior_predictive']['mean']:.2f} "
               f"({unseen['prior_predictive']['ci'][0]:.2f}–{unseen['prior_predictive']['ci'][1]:.2f}) |",
-              f"| few-shot θ_new ({min(unseen['shots'].values())}–{max(unseen['shots'].values())} speeches each; "
-              f"Θ, τ fixed) | {unseen['few_shot']:.2f} |",
+              f"| few-shot θ_new (MAP on {shots_text(unseen['shots'])} speeches each; Θ, τ fixed) "
+              f"| {unseen['few_shot']:.2f} |",
               "", f"## One line per speaker (posterior-mean adapter, prompt “{PROMPT}”)", ""]
     lines += [f"- **{name}**: {text[len(PROMPT):].strip()!r}" for name, text in results["generated"].items()]
     lines += ["", "![shrinkage](shrinkage.png)", ""]

@@ -3,6 +3,7 @@ grouped τ, the three parametrisations, the guides' rules for latent τ, the CLI
 
 import json
 import math
+import textwrap
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from bora_pyro import MultiTaskCorpus, MultiTaskLM, evaluate_base, fit, load_tok
 from bora_pyro.cli import main
 from bora_pyro.errors import ConfigError
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, param_groups, quantiles
+import bora_pyro.models.priors as priors_module
 from bora_pyro.models import (
     BoRA, HierarchicalNormal, HierarchicalStudentT, Independent, Joint, hyperparameter_sites, parse_hyperprior,
 )
@@ -244,24 +246,19 @@ def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, 
     assert torch.equal(glob_A[0], glob_A[2]) == (make_guide is hybrid_guide)
 
 
-def shared_b_prior(modules, tasks):
-    """The contract's example (models/priors.py, README): tasks differ in A only, τ learned."""
-    tau = pyro.sample("tau", dist.LogNormal(torch.tensor(4.6, device=tasks.device), 1.5))
-    factors = {}
-    for m in modules:
-        zeros_A = torch.zeros(m.shape_A, device=tasks.device)
-        zeros_B = torch.zeros(m.shape_B, device=tasks.device)
-        A = pyro.sample(f"global.{m.name}.lora_A", dist.Normal(zeros_A, 1.0).to_event(2))
-        B = pyro.sample(f"global.{m.name}.lora_B", dist.Normal(zeros_B, 1.0).to_event(2))
-        with tasks:
-            A_d = pyro.sample(f"task.{m.name}.lora_A", dist.Normal(A, tau**-0.5).to_event(2))
-        factors[m.name] = (A_d, B.expand(tasks.size, *m.shape_B))
-    return factors
+def contract_example() -> dict:
+    """The example prior of the contract in ``bora_pyro.models.priors``' docstring, run as written."""
+    doc = priors_module.__doc__
+    block = doc[doc.index("with a learned τ::") + len("with a learned τ::"):doc.index("Shipped priors:")]
+    namespace = {"pyro": pyro, "dist": dist, "torch": torch}
+    exec(textwrap.dedent(block).split("model = BoRA(")[0], namespace)  # the definition, not its use
+    return namespace
 
 
 def test_the_contracts_example_prior_fits(gpt2_dir, synthetic_jsonl):
     corpus = MultiTaskCorpus.from_file(synthetic_jsonl, load_tokenizer(gpt2_dir), task_field="speaker",
                                        text_field="line", max_length=32, validation_size=0.2)
+    shared_b_prior = contract_example()["shared_b_prior"]
     model = BoRA(MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4), shared_b_prior, corpus.num_tasks)
     with pytest.raises(ConfigError, match="latent tau"):
         map_guide(model)
