@@ -8,6 +8,7 @@ import pyro
 
 from .data import Batch, MultiTaskCorpus
 from .errors import BoRAError, ConfigError, DataError
+from .export import task_index
 from .generation import generate
 from .predictive import (
     global_factors, guide_draws, new_task_factors, new_task_perplexity, posterior_factors, sample_perplexities,
@@ -43,7 +44,7 @@ def run_predict(args: argparse.Namespace) -> dict:
     run_tasks = run.config.task_names
     if args.data is None:
         corpus = load_corpus(run.config, run.tokenizer)
-        seen, file_tasks, unseen_names = corpus.documents("test"), run_tasks, []
+        seen, unseen_names = corpus.documents("test"), []
         if not seen:
             raise DataError("the run's test split is empty (test_size 0, or every task too small for a test "
                             "document); score another file with --data FILE")
@@ -115,7 +116,7 @@ def adapter_for(run: Run, args: argparse.Namespace):
         return global_factors(run.model, values)
     if args.new_task:
         return new_task_factors(run.model, values, 1)
-    d = run.config.task_names.index(args.task)
+    d = task_index(run.config, args.task)
     return {name: (A[d:d + 1], B[d:d + 1]) for name, (A, B) in run.model.task_factors(values).items()}
 
 
@@ -124,12 +125,11 @@ SEPARATOR = "\n" + "-" * 40 + "\n"
 
 
 def run_generate(args: argparse.Namespace) -> list[str]:
-    if args.task is not None:
-        names = read_config(args.run_dir).task_names
-        if args.task not in names:
-            raise ConfigError(f"unknown task {args.task!r}: give --task one of this run's tasks "
-                              f"({', '.join(names[:10])}{' …' if len(names) > 10 else ''}), or --new-task for an "
-                              "unseen one")
+    if args.task is not None:  # before anything loads
+        try:
+            task_index(read_config(args.run_dir), args.task)
+        except ConfigError as error:
+            raise ConfigError(f"{error}; or --new-task for an unseen one") from None
     run = load_run(args.run_dir, device=args.device)
     pyro.set_rng_seed(args.seed)
     factors = adapter_for(run, args)

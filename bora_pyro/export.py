@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapted_lm import load_causal_lm
 from .errors import ConfigError
+from .predictive import global_factors
 from .run import Run, RunConfig, atomic_write, make_dir, write_json
 
 ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -69,12 +70,7 @@ def adapter_factors(run: Run, task: str | None = None) -> Adapter:
     check_request(run.config, task)
     values = run.guide.median()
     if task is None:
-        adapter: Adapter = {}
-        for spec in run.lm.modules_spec:
-            names = (f"global.{spec.name}.lora_A", f"global.{spec.name}.lora_B")
-            if any(name not in values for name in names):
-                raise no_global_adapter(run.config)
-            adapter[spec.name] = (values[names[0]], values[names[1]])
+        adapter: Adapter = {name: (A[0], B[0]) for name, (A, B) in global_factors(run.model, values).items()}
     else:
         index = task_index(run.config, task)
         with torch.no_grad():

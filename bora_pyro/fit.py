@@ -238,8 +238,7 @@ def fit(
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
     parameters = [p for p in guide.parameters() if p.requires_grad]
-    group_lrs = [lr] if log_scale_lr is None else [lr, log_scale_lr]
-    groups = [{"params": parameters}] if log_scale_lr is None else param_groups(guide, lr, log_scale_lr)
+    groups = [{"params": parameters, "lr": lr}] if log_scale_lr is None else param_groups(guide, lr, log_scale_lr)
     optim = make_optimizer(optimizer, groups, lr, weight_decay)
 
     result = FitResult(steps=0, best_step=0, stopped_early=False)
@@ -248,8 +247,8 @@ def fit(
     if resume is not None:
         guide.load_state_dict(resume.guide)
         optim.load_state_dict(resume.optimizer)
-        for group, group_lr in zip(optim.param_groups, group_lrs, strict=True):
-            group["lr"] = group_lr
+        for group, chosen in zip(optim.param_groups, groups, strict=True):
+            group["lr"] = chosen["lr"]
         set_rng_state(resume.rng)
         batches.restore(resume.batches)
         result.steps, result.best_step, result.history = resume.step, resume.best_step, list(resume.history)

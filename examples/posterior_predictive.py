@@ -37,6 +37,7 @@ from bora_pyro.guides import map_guide, quantiles
 from bora_pyro.predictive import global_factors, new_task_perplexity, predictive_perplexity, shrinkage
 from bora_pyro.evaluate import evaluate_factors
 from bora_pyro.pretrain import BaseModelConfig, pretrain_base
+from bora_pyro.run import load_corpus
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -173,9 +174,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir = fit_run(base_dir, speakers.tasks, min(128, config.n_positions), args)
     run = load_run(run_dir)
-    corpus = MultiTaskCorpus.from_file(run.config.data, run.tokenizer, max_length=run.config.max_length,
-                                       test_size=run.config.test_size, validation_size=run.config.validation_size,
-                                       seed=run.config.seed, task_names=run.config.task_names)
+    corpus = load_corpus(run.config, run.tokenizer)  # the run's data, split as in its fit
     low, median, high = (float(q) for q in quantiles(run.guide, [0.05, 0.5, 0.95])["tau"])
     print(f"τ posterior median {median:.4g}, 90 % interval [{low:.4g}, {high:.4g}]", flush=True)
 
