@@ -229,6 +229,9 @@ class MultiTaskLM(nn.Module):
             factors: module name → (lora_A [T, r, in], lora_B [T, out, r]) for every adapted module.
             row_tasks: [batch] long, indices into the first dim of the factors.
         """
+        num_factors = next(iter(factors.values()))[0].shape[0] if factors else 0
+        if len(row_tasks) == num_factors and torch.equal(row_tasks, torch.arange(num_factors, device=row_tasks.device)):
+            row_tasks = None  # row b uses factor b: the layers need not gather
         for name, layer in self.layers.items():
             lora_A, lora_B = factors[name]
             layer.set_adapters(lora_A, lora_B, row_tasks)
@@ -251,8 +254,9 @@ class MultiTaskLM(nn.Module):
         Returns:
             [batch] float32: ``Σ_{i=1}^{n-1} log p(w_i | w_{<i})`` over each document's n real tokens.
         """
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        token_nll = nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none"
-        )  # [batch, length-1]
-        return -(token_nll * attention_mask[:, 1:].to(token_nll.dtype)).sum(-1)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # [batch, length, vocab]
+        # position i predicts token i+1; the last position predicts nothing (like HF's loss: no copy of the logits)
+        targets = nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
+        token_nll = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        predicted = nn.functional.pad(attention_mask[:, 1:], (0, 1)).to(token_nll.dtype)
+        return -(token_nll.view_as(predicted) * predicted).sum(-1)

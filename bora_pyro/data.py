@@ -8,6 +8,7 @@ prefix, so it predicts ``n - 1`` tokens.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -35,6 +36,8 @@ class Batch:
         task_ids: [batch] long, the task index of each row.
         doc_ids: [batch] long, each row's index within its split (the ``docs`` plate's subsample).
         num_docs: number of documents in the split (the ``docs`` plate's size).
+        task_sizes: [batch] long, the split's number of documents of each row's task; with it
+            the model samples only the batch's tasks (``BoRA.tasks_plate``), without it all.
     """
 
     input_ids: torch.Tensor
@@ -42,6 +45,7 @@ class Batch:
     task_ids: torch.Tensor
     doc_ids: torch.Tensor
     num_docs: int
+    task_sizes: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -50,6 +54,7 @@ class Batch:
             self.task_ids.to(device),
             self.doc_ids.to(device),
             self.num_docs,
+            None if self.task_sizes is None else self.task_sizes.to(device),
         )
 
     @classmethod
@@ -74,6 +79,11 @@ class DocumentSet:
 
     def __len__(self) -> int:
         return len(self.documents)
+
+    @functools.cached_property
+    def task_sizes(self) -> Counter:
+        """Documents per task id."""
+        return Counter(self.task_ids)
 
     def relabel(self, task_map: Mapping[int, int]) -> DocumentSet:
         """The documents of the tasks in ``task_map``, their task ids mapped through it (e.g. a
@@ -119,6 +129,7 @@ class DocumentSet:
             torch.tensor([self.task_ids[i] for i in doc_ids], dtype=torch.long),
             torch.tensor(doc_ids, dtype=torch.long),
             len(self),
+            torch.tensor([self.task_sizes[self.task_ids[i]] for i in doc_ids], dtype=torch.long),
         )
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .allocator import reuse_large_blocks
 from .data import DocumentSet
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -26,11 +27,12 @@ def document_log_probs(
     """
     log_probs, tokens = torch.zeros(len(documents)), torch.zeros(len(documents), dtype=torch.long)
     by_length = sorted(range(len(documents)), key=lambda i: len(documents.documents[i]))  # little padding
-    for start in range(0, len(documents), batch_size):
-        batch = documents.collate(by_length[start : start + batch_size], pad_token_id).to(lm.device)
-        with contextlib.nullcontext() if factors is None else lm.adapters(factors, batch.task_ids):
-            log_probs[batch.doc_ids.cpu()] = lm.sequence_log_prob(batch.input_ids, batch.attention_mask).float().cpu()
-        tokens[batch.doc_ids.cpu()] = (batch.attention_mask.sum(-1) - 1).cpu()
+    with reuse_large_blocks(lm.device):  # the logits of a batch reuse the memory of the batch before
+        for start in range(0, len(documents), batch_size):
+            batch = documents.collate(by_length[start : start + batch_size], pad_token_id).to(lm.device)
+            with contextlib.nullcontext() if factors is None else lm.adapters(factors, batch.task_ids):
+                log_probs[batch.doc_ids.cpu()] = lm.sequence_log_prob(batch.input_ids, batch.attention_mask).float().cpu()
+            tokens[batch.doc_ids.cpu()] = (batch.attention_mask.sum(-1) - 1).cpu()
     return log_probs, tokens
 
 

@@ -1,7 +1,7 @@
 """Export a fitted run's adapters: as peft LoRA adapters, or merged into the base model's weights.
 
 A task's adapter is its factors at the guide's median (the MAP value, or the posterior mean of a
-mean-field guide); the global adapter is the factors Θ of the sites ``global.<module>.lora_*``.
+mean-field guide); the global adapter is the factors Θ of the site ``global.lora`` (or ``global.<module>.lora_*``).
 Both forms compute exactly what bora-pyro computes for that task: ``base(x) + (alpha/r)·B A x``.
 
 - :func:`export_peft` writes ``adapter_config.json`` and ``adapter_model.safetensors`` in peft's
@@ -167,8 +167,12 @@ def export_peft_all(run: Run, out_dir: str | Path) -> Path:
                    for name, (A, B) in factors.items()}
         write_peft_adapter(run, adapter, out_dir / folder)
         index["tasks"][task] = folder.as_posix()
-    if all(f"global.{spec.name}.lora_A" in values for spec in run.lm.modules_spec):
-        write_peft_adapter(run, adapter_factors(run, None), out_dir / "global")
+    try:
+        global_adapter = adapter_factors(run, None)
+    except ConfigError:  # a prior without global factors
+        global_adapter = None
+    if global_adapter is not None:
+        write_peft_adapter(run, global_adapter, out_dir / "global")
         index["global"] = "global"
     write_json(out_dir / INDEX_FILE, index)
     return out_dir

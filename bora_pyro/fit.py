@@ -23,6 +23,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from .allocator import reuse_large_blocks
 from .data import Batch, MultiTaskCorpus
 from .errors import ConfigError, FitError, FitInterrupted
 from .evaluate import evaluate
@@ -111,9 +112,11 @@ def window_steps(step: int, eval_every: int) -> int:
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one device sync)."""
-    flags = [t.detach().isfinite().all() for t in tensors]
-    return bool(torch.stack(flags).all()) if flags else True
+    """Whether every entry of every tensor is finite, read off their sums (nan and inf carry into a
+    sum; one pass per tensor, where ``isfinite().all()`` takes three; one device sync). A sum can
+    also overflow, which only gradients beyond ~1e31 per entry would do: they are reported too."""
+    sums = [t.detach().sum() for t in tensors]
+    return bool(torch.stack(sums).isfinite().all()) if sums else True
 
 
 def not_finite(what: str, step: int, lr: float, checkpoint_step: int | None) -> FitError:
@@ -163,12 +166,61 @@ def check_fit_settings(steps: int | None, epochs: float | None, batch_size: int,
                           "e.g. --log-scale-lr 0.05")
 
 
-def make_optimizer(name: str, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    raise ConfigError(f"unknown optimizer {name!r}: use 'adam' or 'adamw'")
+class NotFinite(Exception):
+    """The loss or its gradient of a step stopped being finite (``what``: ``"loss"``/``"gradient"``)."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+class SVIStep:
+    """One SVI step on a batch: ``Trace_ELBO`` loss, backward, optimizer step.
+
+    Only the guide parameters the batch reaches get a gradient (the batch's tasks, see
+    :mod:`bora_pyro.guides.taskwise`); the optimizer skips the rest. Calling it returns the loss
+    (a float) and the batch's document log-likelihoods, [batch].
+
+    Raises:
+        NotFinite: the loss or a gradient is nan or inf; the parameters are left unchanged.
+    """
+
+    def __init__(self, model, guide, optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext()):
+        self.model, self.guide, self.optimizer, self.autocast = poutine.trace(model), guide, optimizer, autocast
+        self.elbo = Trace_ELBO()
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        self.validated = False
+
+    def __call__(self, batch: Batch) -> tuple[float, torch.Tensor]:
+        # Pyro validates the first step's distributions and values (a prior's shape or support
+        # error shows there); every later step skips it: it walks each [K, P] site once more
+        validation = contextlib.nullcontext() if not self.validated else pyro.validation_enabled(False)
+        try:
+            with self.autocast, validation:
+                loss = self.elbo.differentiable_loss(self.model, self.guide, batch)
+        except ValueError as error:  # Pyro's validation of a distribution fed nan
+            if "invalid values" not in str(error):
+                raise
+            raise NotFinite("loss") from None
+        if not torch.isfinite(loss):
+            raise NotFinite("loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all_finite(p.grad for p in self.parameters if p.grad is not None):
+            raise NotFinite("gradient")
+        self.optimizer.step()
+        self.validated = True
+        return float(loss.detach()), self.model.trace.nodes["_RETURN"]["value"].detach()  # the model returns it
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam or AdamW; torch's fused kernel where every parameter is a float tensor on the CPU or a
+    GPU (one pass over a parameter instead of several: 4× faster on the CPU)."""
+    if name not in ("adam", "adamw"):
+        raise ConfigError(f"unknown optimizer {name!r}: use 'adam' or 'adamw'")
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for group in groups for p in group["params"])
+    optimizer = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return optimizer(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def fit(
@@ -232,14 +284,13 @@ def fit(
 
     pyro.set_rng_seed(seed)
     batches = BatchStream(corpus, batch_size, seed)
-    elbo = Trace_ELBO()
-    traced_model = poutine.trace(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
     parameters = [p for p in guide.parameters() if p.requires_grad]
     groups = [{"params": parameters, "lr": lr}] if log_scale_lr is None else param_groups(guide, lr, log_scale_lr)
     optim = make_optimizer(optimizer, groups, lr, weight_decay)
+    svi_step = SVIStep(model, guide, optim, autocast)
 
     result = FitResult(steps=0, best_step=0, stopped_early=False)
     best_nll, best_state, checks_without_gain = math.inf, None, 0
@@ -291,27 +342,16 @@ def fit(
 
     bar = tqdm(range(result.steps + 1, total_steps + 1), desc="fit", disable=not progress, dynamic_ncols=True,
                initial=result.steps, total=total_steps)
-    with deferred_sigint() as interrupted, contextlib.closing(bar):
+    with deferred_sigint() as interrupted, contextlib.closing(bar), reuse_large_blocks(device):
         for step in bar:
             batch = next(batches).to(device)
             try:
-                with autocast:
-                    loss = elbo.differentiable_loss(traced_model, guide, batch)
-            except ValueError as error:  # Pyro's validation of a distribution fed nan
-                if "invalid values" not in str(error):
-                    raise
-                raise not_finite("loss", step, lr, checkpoint_step) from None
-            if not torch.isfinite(loss):
-                raise not_finite("loss", step, lr, checkpoint_step)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if not all_finite(p.grad for p in parameters if p.grad is not None):
-                raise not_finite("gradient", step, lr, checkpoint_step)
-            optim.step()
-            log_likelihood = traced_model.trace.nodes["_RETURN"]["value"]  # the model returns it, [batch]
-            window["log_likelihood"] += float(log_likelihood.detach().sum())
+                loss, log_likelihood = svi_step(batch)
+            except NotFinite as error:
+                raise not_finite(error.what, step, lr, checkpoint_step) from None
+            window["log_likelihood"] += float(log_likelihood.sum())
             window["tokens"] += batch.num_predicted_tokens
-            window["loss"] += float(loss.detach())
+            window["loss"] += loss
             result.steps = step
             if progress and step % 10 == 0:
                 bar.set_postfix(elbo=f"{-window['loss'] / window_steps(step, eval_every):.4g}",

@@ -78,8 +78,8 @@ class MultiTaskLoRA(nn.Module):
         self, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, row_tasks: torch.Tensor | None
     ) -> None:
         """Use ``lora_A`` [T, r, in] and ``lora_B`` [T, out, r] for the next forward passes;
-        row ``b`` of the batch uses task ``row_tasks[b]`` (an index into the first dim, [batch]).
-        ``None`` everywhere removes the adapters."""
+        row ``b`` of the batch uses task ``row_tasks[b]`` (an index into the first dim, [batch]),
+        or factor ``b`` when ``row_tasks`` is None. ``lora_A=None`` removes the adapters."""
         self.lora_A, self.lora_B, self.row_tasks = lora_A, lora_B, row_tasks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,12 +88,16 @@ class MultiTaskLoRA(nn.Module):
         result = self.base_layer(x)
         if self.lora_A is None:
             return result
-        A = self.lora_A[self.row_tasks]  # [batch, r, in]
-        B = self.lora_B[self.row_tasks]  # [batch, out, r]
-        flat = x.reshape(A.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
-        if not torch.is_autocast_enabled(flat.device.type):
-            flat = flat.to(A.dtype)
-        update = flat @ A.transpose(1, 2) @ B.transpose(1, 2)  # [batch, tokens, out]
+        A, B = self.lora_A, self.lora_B  # [T, r, in], [T, out, r]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        if A.shape[0] == 1:  # one adapter for every row: plain matmuls, as peft
+            update = x @ A[0].T @ B[0].T
+        else:
+            if self.row_tasks is not None:
+                A, B = A[self.row_tasks], B[self.row_tasks]  # [batch, r, in], [batch, out, r]
+            flat = x.reshape(A.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
+            update = flat @ A.transpose(1, 2) @ B.transpose(1, 2)  # [batch, tokens, out]
         return result + (self.scaling * update).reshape(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:

@@ -25,9 +25,11 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from .allocator import reuse_large_blocks
 from .data import Batch, DocumentSet
 from .errors import ConfigError
 from .evaluate import Factors, document_log_probs
+from .models.priors import PACKED, factor_layout
 
 #: A draw of every latent site of a guide: site name → value.
 SiteValues = Mapping[str, torch.Tensor]
@@ -59,17 +61,20 @@ def new_task_factors(model, values: SiteValues, num_new: int = 1) -> Factors:
 
 
 def global_factors(model, values: SiteValues) -> Factors:
-    """The global adapter Θ as a one-task adapter, [1, ...] per module, from the values of the
-    ``global.<module>.lora_A|lora_B`` sites (e.g. ``guide.median()``).
+    """The global adapter Θ as a one-task adapter, [1, ...] per module, from the value of the
+    packed ``global.lora`` site or of the ``global.<module>.lora_A|lora_B`` sites (e.g. ``guide.median()``).
 
     Raises:
         ConfigError: ``values`` hold no global factors (e.g. a fit with the ``Independent`` prior).
     """
-    names = [(f"global.{spec.name}.lora_A", f"global.{spec.name}.lora_B") for spec in model.lm.modules_spec]
+    modules = model.lm.modules_spec
+    if f"global.{PACKED}" in values:
+        return factor_layout(modules).unpack(values[f"global.{PACKED}"][None])
+    names = [(f"global.{spec.name}.lora_A", f"global.{spec.name}.lora_B") for spec in modules]
     if not all(a in values and b in values for a, b in names):
-        raise ConfigError(f"the prior {model.prior!r} has no global adapter Θ (no global.<module>.lora_A|lora_B "
-                          "sites): use a task's adapter (--task NAME)")
-    return {spec.name: (values[a][None], values[b][None]) for spec, (a, b) in zip(model.lm.modules_spec, names)}
+        raise ConfigError(f"the prior {model.prior!r} has no global adapter Θ (no global.lora or "
+                          "global.<module>.lora_A|lora_B sites): use a task's adapter (--task NAME)")
+    return {spec.name: (values[a][None], values[b][None]) for spec, (a, b) in zip(modules, names)}
 
 
 def summarize(per_draw: torch.Tensor, bma: float, plugin: float | None, tokens: int, interval: float) -> dict:
@@ -114,11 +119,12 @@ def sample_perplexities(
     per_draw: list[torch.Tensor] = []  # S × [groups] log-likelihood sums
     running = torch.full((len(documents),), -math.inf, dtype=torch.float64)  # log Σ_s p(doc | θ_s)
     tokens = None
-    for factors in draws:
-        log_probs, tokens = document_log_probs(lm, factors, documents, pad_token_id, batch_size)
-        running = torch.logaddexp(running, log_probs.double())
-        per_draw.append(group_sums(log_probs.double(), groups, num_groups))
-        del factors  # before the next draw is made
+    with reuse_large_blocks(lm.device):  # a draw's [D, P] tensors reuse the memory of the draw before
+        for factors in draws:
+            log_probs, tokens = document_log_probs(lm, factors, documents, pad_token_id, batch_size)
+            running = torch.logaddexp(running, log_probs.double())
+            per_draw.append(group_sums(log_probs.double(), groups, num_groups))
+            del factors  # before the next draw is made
     if not per_draw:
         raise ConfigError("no draws of the adapters: ask for at least one sample")
     num_samples = len(per_draw)

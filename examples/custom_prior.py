@@ -54,8 +54,9 @@ class ClusteredNormal:
         self.cluster_of_task, self.tau_cluster, self.tau = cluster_of_task, tau_cluster, tau
 
     def __call__(self, modules, tasks: pyro.plate) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        cluster = torch.tensor(self.cluster_of_task, device=tasks.device)
-        clusters = pyro.plate("clusters", int(cluster.max()) + 1, device=tasks.device)
+        clusters = pyro.plate("clusters", max(self.cluster_of_task) + 1, device=tasks.device)
+        # the clusters of the plate's tasks: in training the plate holds only the batch's tasks
+        cluster = torch.tensor(self.cluster_of_task, device=tasks.device)[tasks.indices]
         factors = {}
         for module in modules:
             pair = []

@@ -30,9 +30,11 @@ import pyro.distributions as dist
 import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, evaluate, evaluate_base, fit, load_tokenizer
+from bora_pyro.errors import ConfigError
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, quantiles
 from bora_pyro.models import BoRA, HierarchicalNormal, prior_from_tau
+from bora_pyro.predictive import flatten_factors, global_factors
 from bora_pyro.pretrain import BaseModelConfig, load_info, pretrain_base
 from report import write_report  # examples/report.py: results.md and the plots
 
@@ -80,14 +82,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def factor_distances(model: BoRA, guide) -> list[float] | None:
-    """‖θ_d − Θ‖ per task (all factors of all modules), or None when the prior has no Θ."""
+    """‖θ_d − Θ‖ per task (all factors of all modules), or None when the prior has no Θ or no θ_d."""
     values = guide.median()
-    if not any(name.startswith("global.") for name in values) or not any(name.startswith("task.") for name in values):
+    if not any(name.startswith("task.") for name in values):
         return None
-    task = model.task_factors(values)
-    glob = [values[f"global.{spec.name}.{f}"] for spec in model.lm.modules_spec for f in ("lora_A", "lora_B")]
-    theta = torch.cat([t.flatten(1) for pair in task.values() for t in pair], dim=1)
-    return (theta - torch.cat([g.flatten() for g in glob])).norm(dim=1).tolist()
+    try:
+        theta_global = flatten_factors(global_factors(model, values))  # [1, P]
+    except ConfigError:
+        return None
+    return (flatten_factors(model.task_factors(values)) - theta_global).norm(dim=1).tolist()
 
 
 def fit_and_test(model: BoRA, guide, corpus, seed: int, args, steps: int, log_scale_lr: float | None = None) -> dict:

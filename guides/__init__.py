@@ -5,6 +5,10 @@
 - :func:`hybrid_guide`: MAP for the global factors Θ, a diagonal Normal over everything else
   (task factors, latent τ): empirical Bayes for Θ, VI for the tasks and hyperparameters.
 
+They are Pyro's autoguides with one change (:mod:`guides.taskwise`): each task's values are their
+own leaf tensors and the guides subsample the tasks plate like the model, so a step samples and
+updates only the batch's tasks.
+
 All start like LoRA (:class:`LoRAInit`): every ``lora_A`` at peft's kaiming-uniform draw, every
 ``lora_B`` at 0 and every task at the global value, so the adapted model starts as the base
 model. (AutoNormal's default loc 0 for both A and B is LoRA's saddle point and never learns.)
@@ -19,16 +23,21 @@ hyperparameter sites (see the prior contract in :mod:`bora_pyro.models.priors`);
 
 from __future__ import annotations
 
+import re
+
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, AutoGuideList, AutoNormal
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 
 from bora_pyro.errors import ConfigError
-from bora_pyro.lora import kaiming_uniform_A
-from bora_pyro.models.priors import hyperparameter_sites, is_factor_site
+from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
+from bora_pyro.models.priors import PACKED, factor_layout, hyperparameter_sites, is_factor_site
 
-__all__ = ["LoRAInit", "hybrid_guide", "map_guide", "mean_field_guide", "param_groups", "quantiles"]
+from .taskwise import TaskwiseDelta, TaskwiseNormal
+
+__all__ = ["LoRAInit", "TaskwiseDelta", "TaskwiseNormal", "hybrid_guide", "map_guide", "mean_field_guide",
+           "param_groups", "quantiles"]
 
 
 class LoRAInit:
@@ -36,26 +45,40 @@ class LoRAInit:
 
     Sites named ``<level>.<module>.lora_A`` get one kaiming-uniform draw [r, in] per module, shared
     by the global site and every task (broadcast over the tasks plate); sites ending in ``lora_B``,
-    ``_offset`` or ``_decentered`` start at 0. Any other site (a hyperparameter, e.g. a latent τ)
-    falls back to ``fallback``.
+    ``_offset`` or ``_decentered`` start at 0. A packed site ``<level>.lora`` [..., P] gets the
+    same draws in its ``lora_A`` segments and 0 in its ``lora_B`` segments (so a packed prior
+    starts where its ``packed=False`` twin does). Any other site (a hyperparameter, e.g. a latent
+    τ) falls back to ``fallback``.
+
+    Args:
+        seed: seeds the kaiming-uniform draws.
+        modules: the adapted modules, needed to lay out packed sites.
     """
 
-    def __init__(self, seed: int = 0, fallback=init_to_median):
+    def __init__(self, seed: int = 0, modules: tuple[AdaptedModule, ...] = (), fallback=init_to_median):
         self.generator = torch.Generator().manual_seed(seed)
-        self.fallback = fallback
+        self.modules, self.fallback = tuple(modules), fallback
         self.draws: dict[str, torch.Tensor] = {}
+
+    def draw_A(self, module: str, shape: tuple[int, int]) -> torch.Tensor:
+        if module not in self.draws:
+            self.draws[module] = kaiming_uniform_A(shape, self.generator)
+        return self.draws[module]
 
     def __call__(self, site: dict) -> torch.Tensor:
         name = site["name"]
         if not is_factor_site(name):
             return self.fallback(site)
         value = site["fn"].sample().detach()  # only for its shape, dtype and device
+        if name.endswith("." + PACKED):
+            segments = factor_layout(self.modules).segments
+            flat = torch.cat([self.draw_A(s.module.name, s.shape).flatten() if s.factor == "lora_A"
+                              else torch.zeros(s.numel) for s in segments])
+            return flat.to(value).expand_as(value).clone()
         if not name.endswith("lora_A"):
             return torch.zeros_like(value)
         module = name.split(".", 1)[1].rsplit(".", 1)[0]
-        if module not in self.draws:
-            self.draws[module] = kaiming_uniform_A(tuple(value.shape[-2:]), self.generator)
-        return self.draws[module].to(value).expand_as(value).clone()
+        return self.draw_A(module, tuple(value.shape[-2:])).to(value).expand_as(value).clone()
 
 
 def map_guide(model, seed: int = 0) -> AutoDelta:
@@ -71,7 +94,7 @@ def map_guide(model, seed: int = 0) -> AutoDelta:
             "task factors is degenerate (τ → ∞, every task collapses onto Θ); use hybrid_guide or "
             "mean_field_guide (--guide hybrid|mean-field), or fix τ"
         )
-    return AutoDelta(model, init_loc_fn=LoRAInit(seed))
+    return TaskwiseDelta(model, init_loc_fn=LoRAInit(seed, model.lm.modules_spec), create_plates=model.tasks_plate)
 
 
 def check_init_scale(init_scale: float) -> None:
@@ -86,7 +109,8 @@ def mean_field_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoNorm
     at init, 1e-2 by ~35 %, 1e-3 by ~3 %. A latent τ starts at its hyperprior's median.
     """
     check_init_scale(init_scale)
-    return AutoNormal(model, init_loc_fn=LoRAInit(seed), init_scale=init_scale)
+    return TaskwiseNormal(model, init_loc_fn=LoRAInit(seed, model.lm.modules_spec), init_scale=init_scale,
+                          create_plates=model.tasks_plate)
 
 
 def is_global(msg: dict) -> bool:
@@ -103,13 +127,13 @@ def hybrid_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoGuideLis
     like LoRA; ``init_scale`` as in :func:`mean_field_guide`.
     """
     check_init_scale(init_scale)
-    init = LoRAInit(seed)  # one instance: both parts start from the same kaiming draws
-    guide = AutoGuideList(model)
-    guide.append(AutoDelta(poutine.block(model, expose_fn=is_global), init_loc_fn=init))
+    init = LoRAInit(seed, model.lm.modules_spec)  # one instance: both parts start from the same kaiming draws
+    guide = AutoGuideList(model, create_plates=model.tasks_plate)
+    guide.append(TaskwiseDelta(poutine.block(model, expose_fn=is_global), init_loc_fn=init))
     # the inner InitMessenger starts the hidden Θ too, so that task sites defined relative to Θ
     # (offsets, LocScaleReparam) start at Θ's starting value
-    guide.append(AutoNormal(poutine.block(InitMessenger(init)(model), hide_fn=is_global),
-                            init_loc_fn=init, init_scale=init_scale))
+    guide.append(TaskwiseNormal(poutine.block(InitMessenger(init)(model), hide_fn=is_global),
+                                init_loc_fn=init, init_scale=init_scale))
     return guide
 
 
@@ -125,7 +149,8 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
     """
     locations, log_scales = [], []
     for name, parameter in guide.named_parameters():
-        is_location = is_factor_site(name.removesuffix("_unconstrained")) and ".scales." not in f".{name}"
+        site = re.sub(r"\.rows\.\d+$", "", name.removesuffix("_unconstrained")).replace("/", ".")  # task rows' keys
+        is_location = is_factor_site(site) and re.search(r"(^|\.)(task_)?scales\.", name) is None
         (locations if is_location else log_scales).append(parameter)
     return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]
 

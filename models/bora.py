@@ -6,6 +6,10 @@
 The likelihood of a batch is one ``pyro.factor`` per document inside
 ``pyro.plate("docs", N, subsample=doc_ids)``, so Pyro scales the batch's log-likelihood by
 ``N / batch`` into an unbiased estimate of the whole data set's.
+
+A training batch of B documents touches at most B of the D tasks, so the tasks plate is
+subsampled to them (:class:`TaskSubsample`): a step samples, scores and updates the batch's
+tasks only, so its cost grows with the batch's tasks (at most B), not with D.
 """
 
 from __future__ import annotations
@@ -27,6 +31,44 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 Prior = Callable[[Sequence[AdaptedModule], pyro.plate], Factors]
 
 
+class TaskSubsample(pyro.plate):
+    """The tasks plate subsampled to the K tasks of a training batch, each task weighted so that
+    its prior and guide terms stay an unbiased estimate of the full sums.
+
+    A uniform ``D / K`` (what ``pyro.plate`` does) would be biased: the tasks present in a batch
+    are not a uniform draw, tasks with many documents come often. Instead every task's term is
+    shared among its documents and estimated by the batch like the likelihood is: for task d
+    with c_d of the batch's B documents and N_d of the split's N,
+
+        w_d = (N / B) · c_d / N_d,    E_batch[Σ_{d in batch} w_d f(θ_d)] = Σ_d f(θ_d).
+
+    Args:
+        size: D, the number of tasks.
+        task_ids: [B] long, each row's task.
+        task_sizes: [B] long, N_{task_ids[b]}: the split's documents of each row's task.
+        num_docs: N, the split's documents.
+
+    Attributes:
+        row_tasks: [B] long, each row's position among the plate's K tasks (the factors' first dim);
+            ``arange(B)`` when every row has its own task (the tasks then in the rows' order).
+        weights: [K] float, w_d of the plate's tasks, in the order of ``indices``.
+    """
+
+    def __init__(self, name: str, size: int, task_ids: torch.Tensor, task_sizes: torch.Tensor, num_docs: int,
+                 device: torch.device | None = None):
+        tasks, self.row_tasks, counts = torch.unique(task_ids, return_inverse=True, return_counts=True)
+        if len(tasks) == len(task_ids):  # every row its own task: keep the rows' order, so row b uses factor b
+            tasks, self.row_tasks = task_ids, torch.arange(len(task_ids), device=task_ids.device)
+        super().__init__(name, size, subsample=tasks, device=device)
+        sizes = torch.zeros_like(tasks).scatter_(0, self.row_tasks, task_sizes)  # N_d of each present task
+        self.weights = (num_docs / len(task_ids)) * counts.float() / sizes.float()
+
+    def _process_message(self, msg) -> None:
+        super()._process_message(msg)  # scales by D / K: replaced by the weights
+        weights = self.weights.reshape((-1,) + (1,) * (-1 - self.dim))
+        msg["scale"] = msg["scale"] * (self.subsample_size / self.size) * weights
+
+
 class BoRA:
     """The hierarchical multi-task LoRA model.
 
@@ -35,19 +77,27 @@ class BoRA:
         prior: a prior object (see ``bora_pyro.models.priors`` for the contract).
         num_tasks: D, the number of tasks.
 
-    Calling the model on a :class:`~bora_pyro.data.Batch` samples every factor from the prior and
-    scores the batch's documents; it returns their log-likelihoods, [batch].
+    Calling the model on a :class:`~bora_pyro.data.Batch` samples the factors from the prior and
+    scores the batch's documents; it returns their log-likelihoods, [batch]. A batch that knows
+    its tasks' sizes (every batch of :meth:`DocumentSet.batches <bora_pyro.data.DocumentSet.batches>`)
+    samples only its own tasks (:class:`TaskSubsample`); one that does not samples all D.
     """
 
     def __init__(self, lm: MultiTaskLM, prior: Prior, num_tasks: int):
         self.lm, self.prior, self.num_tasks = lm, prior, num_tasks
 
-    def tasks_plate(self) -> pyro.plate:
-        return pyro.plate("tasks", self.num_tasks, device=self.lm.device)
+    def tasks_plate(self, batch: Batch | None = None) -> pyro.plate:
+        """The plate of all D tasks, or of ``batch``'s tasks (:class:`TaskSubsample`) when the
+        batch has ``task_sizes``. Guides take it as ``create_plates`` so they subsample alike."""
+        if batch is None or batch.task_sizes is None:
+            return pyro.plate("tasks", self.num_tasks, device=self.lm.device)
+        return TaskSubsample("tasks", self.num_tasks, batch.task_ids, batch.task_sizes, batch.num_docs, self.lm.device)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        factors = self.prior(self.lm.modules_spec, self.tasks_plate())
-        with self.lm.adapters(factors, batch.task_ids):
+        tasks = self.tasks_plate(batch)
+        factors = self.prior(self.lm.modules_spec, tasks)
+        row_tasks = tasks.row_tasks if isinstance(tasks, TaskSubsample) else batch.task_ids
+        with self.lm.adapters(factors, row_tasks):
             log_likelihood = self.lm.sequence_log_prob(batch.input_ids, batch.attention_mask)
         with pyro.plate("docs", batch.num_docs, subsample=batch.doc_ids, device=self.lm.device):
             pyro.factor("log_likelihood", log_likelihood)

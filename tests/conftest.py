@@ -94,3 +94,18 @@ def synthetic_jsonl(tmp_path) -> str:
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in synthetic_records()))
     return str(path)
+
+
+def per_module_values(values: dict, modules) -> dict:
+    """``values`` plus, for every packed site ``<level>.lora<suffix>`` [..., P], its per-module
+    views ``<level>.<module>.lora_A|lora_B<suffix>`` (what a ``packed=False`` prior would name them)."""
+    from bora_pyro.packing import FactorLayout
+
+    result = dict(values)
+    for name, value in values.items():
+        level, dot, rest = name.partition(".")
+        if dot and (rest == "lora" or rest.startswith("lora_") and rest[5:6] not in ("A", "B")):
+            suffix = rest[len("lora"):]
+            for module, (A, B) in FactorLayout(modules).unpack(value).items():
+                result[f"{level}.{module}.lora_A{suffix}"], result[f"{level}.{module}.lora_B{suffix}"] = A, B
+    return result

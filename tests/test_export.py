@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from bora_pyro import ConfigError, export_peft, load_run, merge, save_run
 from bora_pyro.cli import main
 from bora_pyro.export import export_peft_all, peft_index
+from bora_pyro.packing import FactorLayout
 from bora_pyro.run import RunConfig, build_lm, build_model, init_guide
 
 peft = pytest.importorskip("peft")
@@ -48,8 +49,7 @@ def bora_logits(run, task: str | None) -> torch.Tensor:
     """bora-pyro's own forward pass with one task's (or the global) adapter at the guide's median."""
     values = run.guide.median()
     if task is None:
-        factors = {spec.name: (values[f"global.{spec.name}.lora_A"][None], values[f"global.{spec.name}.lora_B"][None])
-                   for spec in run.lm.modules_spec}
+        factors = FactorLayout(run.lm.modules_spec).unpack(values["global.lora"][None])
         row_tasks = torch.zeros(len(INPUT_IDS), dtype=torch.long)
     else:
         factors = run.model.task_factors(values)

@@ -9,7 +9,7 @@ from bora_pyro import MultiTaskCorpus, MultiTaskLM, load_tokenizer
 from bora_pyro.guides import map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal, Independent, Joint, prior_from_tau
 from bora_pyro.errors import ConfigError
-from conftest import synthetic_records
+from conftest import per_module_values, synthetic_records
 
 
 @pytest.fixture
@@ -38,6 +38,7 @@ def test_log_joint_equals_formula(setup, global_scale):
     values = random_site_values(lm, num_tasks, HierarchicalNormal(tau, global_scale=1.0))
     log_joint = poutine.trace(poutine.condition(model, values)).get_trace(batch).log_prob_sum()
 
+    values = per_module_values(values, lm.modules_spec)
     expected = torch.tensor(0.0)
     factors = {}
     for spec in lm.modules_spec:
@@ -59,23 +60,35 @@ def test_log_joint_equals_formula(setup, global_scale):
 
 def test_priors_emit_their_sites(setup):
     lm, corpus, batch = setup
-    names = {
-        prior_name: {name for name, _ in poutine.trace(BoRA(lm, prior, 3)).get_trace(batch).iter_stochastic_nodes()}
-        - {"docs", "tasks"}  # plate subsample sites
-        for prior_name, prior in [("hier", HierarchicalNormal(5.0)), ("offset", HierarchicalNormal(5.0, centered=False)),
-                                  ("indep", Independent()), ("joint", Joint())]
-    }
+    def site_names(prior):
+        trace = poutine.trace(BoRA(lm, prior, 3)).get_trace(batch)
+        return {name for name, _ in trace.iter_stochastic_nodes()} - {"docs", "tasks"}  # plate subsample sites
+
+    assert site_names(HierarchicalNormal(5.0)) == {"global.lora", "task.lora"}
+    assert site_names(HierarchicalNormal(5.0, centered=False)) == {"global.lora", "task.lora_offset"}
+    assert site_names(Independent()) == {"task.lora"} and site_names(Joint()) == {"global.lora"}
     module = lm.modules_spec[0].name
-    assert {f"global.{module}.lora_A", f"task.{module}.lora_A", f"task.{module}.lora_B"} <= names["hier"]
-    assert f"task.{module}.lora_A_offset" in names["offset"] and f"task.{module}.lora_A" not in names["offset"]
-    assert all(name.startswith("task.") for name in names["indep"]), names["indep"]
-    assert all(name.startswith("global.") for name in names["joint"])
-    assert len(names["joint"]) == 2 * len(lm.modules_spec)
+    per_module = site_names(HierarchicalNormal(5.0, packed=False))
+    assert {f"global.{module}.lora_A", f"task.{module}.lora_A", f"task.{module}.lora_B"} <= per_module
+    assert len(per_module) == 4 * len(lm.modules_spec)
+    offsets = site_names(HierarchicalNormal(5.0, centered=False, packed=False))
+    assert f"task.{module}.lora_A_offset" in offsets and f"task.{module}.lora_A" not in offsets
+    assert all(name.startswith("task.") for name in site_names(Independent(packed=False)))
+    joint = site_names(Joint(packed=False))
+    assert all(name.startswith("global.") for name in joint) and len(joint) == 2 * len(lm.modules_spec)
 
 
-def test_task_sites_have_task_batch_shape(setup):
+def test_task_sites_have_the_batch_tasks_as_batch_shape(setup):
+    """[K, P] for the K tasks of the batch (all 3 here, 2 in a batch of tasks 0 and 2)."""
     lm, corpus, batch = setup
-    trace = poutine.trace(BoRA(lm, HierarchicalNormal(5.0), 3)).get_trace(batch)
+    size = lm.num_adapter_params
+    for doc_ids, num_tasks in [([0, 4, 7], 3), ([0, 1, 7], 2)]:
+        trace = poutine.trace(BoRA(lm, HierarchicalNormal(5.0), 3)).get_trace(corpus.train.collate(doc_ids, 0))
+        site = trace.nodes["task.lora"]
+        assert site["value"].shape == (num_tasks, size)
+        assert site["fn"].batch_shape == (num_tasks,) and site["fn"].event_shape == (size,)
+        assert trace.nodes["global.lora"]["value"].shape == (size,)
+    trace = poutine.trace(BoRA(lm, HierarchicalNormal(5.0, packed=False), 3)).get_trace(batch)
     spec = lm.modules_spec[0]
     site = trace.nodes[f"task.{spec.name}.lora_A"]
     assert site["value"].shape == (3, *spec.shape_A)
@@ -89,7 +102,7 @@ def test_guides_start_like_lora_with_tasks_at_the_global_value(setup, make_guide
     model = BoRA(lm, HierarchicalNormal(5.0), 3)
     guide = make_guide(model)
     guide(batch)
-    values = guide.median()
+    values = per_module_values(guide.median(), lm.modules_spec)
     spec = lm.modules_spec[0]
     glob_A = values[f"global.{spec.name}.lora_A"]
     assert glob_A.abs().max() <= spec.in_features**-0.5 and glob_A.std() > 0

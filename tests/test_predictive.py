@@ -44,10 +44,10 @@ def fitted(gpt2_dir, corpus):
 
 
 def set_scales(guide, scale: float) -> None:
-    """Every variational standard deviation of an AutoNormal to ``scale`` (softplus-positive)."""
+    """Every variational standard deviation of a mean-field guide to ``scale`` (softplus-positive)."""
     with torch.no_grad():
         for name, parameter in guide.named_parameters():
-            if name.startswith("scales."):
+            if name.startswith(("scales.", "task_scales.")):
                 parameter.fill_(math.log(math.expm1(scale)))
 
 

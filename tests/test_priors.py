@@ -24,7 +24,7 @@ from bora_pyro.models import (
     BoRA, HierarchicalNormal, HierarchicalStudentT, Independent, Joint, hyperparameter_sites, parse_hyperprior,
 )
 from bora_pyro.run import load_checkpoint, load_run
-from conftest import synthetic_records
+from conftest import per_module_values, synthetic_records
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_2PI = math.log(2 * math.pi)
@@ -144,7 +144,7 @@ def test_prior_share_of_log_joint_equals_closed_form(setup, case):
     values = site_values(lm, make_prior(), {name: torch.tensor(tau) for name, tau in taus.items()})
     trace = poutine.trace(poutine.condition(model, values)).get_trace(batch)
     prior_share = trace.log_prob_sum(lambda name, site: name != "log_likelihood")
-    expected = closed_form(values, [spec.name for spec in lm.modules_spec])
+    expected = closed_form(per_module_values(values, lm.modules_spec), [spec.name for spec in lm.modules_spec])
     torch.testing.assert_close(prior_share.detach(), expected.detach(), rtol=1e-5, atol=1e-3)
 
 
@@ -160,7 +160,8 @@ def test_task_factors_of_each_parametrisation(setup):
          lambda v: g(v, spec, "A").expand(3, -1, -1)),
     ]:
         values = site_values(lm, prior, taus)
-        torch.testing.assert_close(BoRA(lm, prior, 3).task_factors(values)[spec][0], theta(values))
+        torch.testing.assert_close(BoRA(lm, prior, 3).task_factors(values)[spec][0],
+                                   theta(per_module_values(values, lm.modules_spec)))
 
 
 def test_tau_groups_name_their_sites(setup):
@@ -221,17 +222,18 @@ def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, 
     values = guide.median()
     factors = model.task_factors(values)
     spec = lm.modules_spec[0]
-    glob_A = values[f"global.{spec.name}.lora_A"]
+    glob_A = per_module_values(values, lm.modules_spec)[f"global.{spec.name}.lora_A"]
     assert glob_A.std() > 0 and torch.equal(factors[spec.name][0], glob_A.expand(3, *spec.shape_A))
     assert not factors[spec.name][1].any()
     assert 40 < float(values["tau"]) < 60  # starts at the hyperprior's median
     if make_guide is hybrid_guide:  # Θ a point, tasks and τ mean-field
-        assert {name for name in guide[0].median()} == {f"global.{s.name}.lora_{f}" for s in lm.modules_spec for f in "AB"}
+        assert set(guide[0].median()) == {"global.lora"}
         assert "tau" in guide[1].median()
     names = {id(parameter): name for name, parameter in guide.named_parameters()}
     locations, log_scales = (group["params"] for group in param_groups(guide, 0.05, 0.1))
-    assert all("lora_" in names[id(p)] and ".scales." not in f".{names[id(p)]}" for p in locations)
-    assert {"tau_unconstrained", "scales"} <= {part for p in log_scales for part in names[id(p)].split(".")}
+    assert all("lora" in names[id(p)] and "scales" not in names[id(p)] for p in locations)  # Θ's and the tasks' locs
+    assert all("scales" in names[id(p)] or "tau" in names[id(p)] for p in log_scales)
+    assert {"tau_unconstrained", "task_scales"} <= {part for p in log_scales for part in names[id(p)].split(".")}
     assert len(locations) + len(log_scales) == len(names)
     optimizer = torch.optim.Adam(param_groups(guide, 0.05, 0.1))
     for _ in range(3):
@@ -242,8 +244,8 @@ def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, 
     assert torch.isfinite(loss) and float(guide.median()["tau"]) != float(values["tau"])
     bounds = quantiles(guide, [0.05, 0.5, 0.95])  # Θ a point under the hybrid guide: all three equal
     assert bounds["tau"][0] < bounds["tau"][1] < bounds["tau"][2] and set(bounds) == set(guide.median())
-    glob_A = bounds[f"global.{spec.name}.lora_A"]
-    assert torch.equal(glob_A[0], glob_A[2]) == (make_guide is hybrid_guide)
+    glob = bounds["global.lora"]
+    assert torch.equal(glob[0], glob[2]) == (make_guide is hybrid_guide)
 
 
 def contract_example() -> dict:

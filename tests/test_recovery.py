@@ -73,7 +73,7 @@ def test_learned_tau_recovers_the_true_precision(gpt2_dir, one_thread, tau_true)
                   len(ids))
 
     # MAP for Θ_B, mean-field for the tasks' z and τ; one full batch per step, lr decaying 50×
-    model = poutine.condition(BoRA(lm, prior, TASKS), known)
+    model = BoRA(lm, poutine.condition(prior, known), TASKS)
     guide = hybrid_guide(model, init_scale=INIT_SCALE)
     guide(batch)
     optimizer = torch.optim.Adam(param_groups(guide, LR, TAU_LR))

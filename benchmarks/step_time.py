@@ -1,0 +1,290 @@
+"""Time and peak memory of one training step: BoRA against plain LoRA, for D = 1, 25, 100 tasks.
+
+    python benchmarks/step_time.py                     # GPT-2-small shape, ≈ 13 min on 2 CPU cores
+    python benchmarks/step_time.py --quick             # a small shape, ≈ 1 min
+    python benchmarks/step_time.py --json steps.json   # also write the table as JSON
+
+Variants, each in a fresh subprocess (peak RSS only grows within a process), on the same base
+model (GPT-2 shape from a config, frozen), LoRA rank r on c_attn/c_proj/c_fc, batches of 8 rows
+from mixed tasks, fp32:
+
+- ``peft``: one peft LoRA adapter, cross-entropy, AdamW (torch's fused kernel, as bora-pyro's
+  Adam): the plain LoRA step everything is compared to (``ratio_to_peft``);
+- ``paper-loop``: the paper's code style, peft with D + 1 adapters (Θ and one per task), one
+  forward per task present in the batch with ``set_adapter``, the prior ``τ/2 ‖θ_d − Θ‖²`` of
+  those tasks, AdamW over all adapters;
+- ``map`` / ``mean-field``: bora-pyro's own step (:class:`bora_pyro.fit.SVIStep`: ``Trace_ELBO``
+  of :class:`~bora_pyro.models.BoRA` with ``HierarchicalNormal(100)``, ``map_guide`` /
+  ``mean_field_guide``, Adam as ``fit`` makes it, inside ``fit``'s ``reuse_large_blocks``).
+
+The machine's speed drifts by 20 % over minutes, so times are measured side by side: each
+variant runs in one process with a peft model, their steps interleaved on the same random
+mixed-task batches (2 warm-up rounds, then the timed ones); ``median_ms`` is the variant's
+median step time and ``ratio_to_peft`` its ratio to the median of the peft steps beside it. The
+peft row's ``median_ms`` is the median over those processes. Peak RSS is measured apart, one
+variant alone per process: bora-pyro's variants first run ⌈D / 8⌉ steps whose batches cover
+every task, so that every task has its optimizer state (the steady state), then 2 more.
+
+Also printed: the floats per adapter parameter of mean-field at the largest D (peak RSS over
+peft's, per adapter parameter of all tasks), and the predictive throughput: S posterior draws of
+every task's factors scored on a test set against S plain forward passes with fixed factors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {  # layers, width, heads, vocab, rank, tokens per row, timed steps
+    "full": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=8192, rank=16, length=128, steps=6),
+    "quick": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=1024, rank=8, length=32, steps=10),
+}
+BATCH, WARMUP, TAU, DOCS_PER_TASK, TARGETS = 8, 2, 100.0, 100, ["c_attn", "c_proj", "c_fc"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def base_model(shape: dict):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
+                        vocab_size=shape["vocab_size"], n_positions=shape["length"], resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval().requires_grad_(False)
+
+
+def random_batch(shape: dict, num_tasks: int, generator, task_ids=None):
+    """A Batch of 8 random rows; tasks uniform over D unless given."""
+    import torch
+
+    from bora_pyro.data import Batch
+
+    ids = torch.randint(0, shape["vocab_size"], (BATCH, shape["length"]), generator=generator)
+    if task_ids is None:
+        task_ids = torch.randint(0, num_tasks, (BATCH,), generator=generator)
+    doc_ids = task_ids * DOCS_PER_TASK + torch.arange(BATCH)  # distinct documents of those tasks
+    return Batch(ids, torch.ones_like(ids), task_ids, doc_ids, DOCS_PER_TASK * num_tasks,
+                 torch.full((BATCH,), DOCS_PER_TASK))
+
+
+def covering_batches(shape: dict, num_tasks: int, generator):
+    """⌈D / 8⌉ batches whose rows go through every task once."""
+    import torch
+
+    tasks = torch.arange(math.ceil(num_tasks / BATCH) * BATCH) % num_tasks
+    return [random_batch(shape, num_tasks, generator, tasks[i: i + BATCH]) for i in range(0, len(tasks), BATCH)]
+
+
+def peft_step(shape: dict, num_tasks: int):
+    """One peft LoRA adapter (``num_tasks`` is ignored): forward, cross-entropy, AdamW."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], target_modules=TARGETS, fan_in_fan_out=True)
+    model = get_peft_model(base_model(shape), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+    def step(batch):
+        loss = model(input_ids=batch.input_ids, labels=batch.input_ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step, []
+
+
+def paper_loop_step(shape: dict, num_tasks: int):
+    """peft with adapters ``global`` and ``task<d>``; one forward per task of the batch."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], target_modules=TARGETS, fan_in_fan_out=True)
+    model = get_peft_model(base_model(shape), config, adapter_name="global")
+    for d in range(num_tasks):
+        model.add_adapter(f"task{d}", config)
+    adapters = {name: [p for n, p in model.named_parameters() if f".{name}." in n]
+                for name in ["global"] + [f"task{d}" for d in range(num_tasks)]}
+    optimizer = torch.optim.AdamW([p for params in adapters.values() for p in params], lr=1e-4, fused=True)
+
+    def step(batch):
+        loss = 0.0
+        for d in batch.task_ids.unique().tolist():
+            model.base_model.set_adapter(f"task{d}")
+            for params in adapters.values():  # set_adapter turns requires_grad off on every other adapter
+                for p in params:
+                    p.requires_grad_(True)
+            rows = batch.task_ids == d
+            loss = loss + model(input_ids=batch.input_ids[rows], labels=batch.input_ids[rows]).loss * int(rows.sum())
+            loss = loss + TAU / 2 * sum(((p - g) ** 2).sum() for p, g in zip(adapters[f"task{d}"], adapters["global"]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step, []
+
+
+def bora_step(shape: dict, num_tasks: int, guide_kind: str):
+    import torch
+
+    from bora_pyro import MultiTaskLM
+    from bora_pyro.fit import SVIStep, make_optimizer
+    from bora_pyro.guides import map_guide, mean_field_guide
+    from bora_pyro.models import BoRA, HierarchicalNormal
+
+    lm = MultiTaskLM(base_model(shape), rank=shape["rank"], alpha=2 * shape["rank"], target_modules=TARGETS)
+    model = BoRA(lm, HierarchicalNormal(TAU), num_tasks)
+    guide = (map_guide if guide_kind == "map" else mean_field_guide)(model)
+    with torch.no_grad():
+        guide(random_batch(shape, num_tasks, torch.Generator().manual_seed(1), torch.zeros(BATCH, dtype=torch.long)))
+    svi_step = SVIStep(model, guide, make_optimizer("adam", [{"params": list(guide.parameters())}], 1e-4, 0.0))
+    return svi_step, covering_batches(shape, num_tasks, torch.Generator().manual_seed(2))
+
+
+MAKE_STEP = {"peft": peft_step, "paper-loop": paper_loop_step,
+             "map": lambda shape, d: bora_step(shape, d, "map"),
+             "mean-field": lambda shape, d: bora_step(shape, d, "mean-field")}
+
+
+def allocator(variant: str):
+    """What ``fit`` runs bora-pyro's steps in (the others run as they would in their own loops)."""
+    import torch
+
+    from bora_pyro.allocator import reuse_large_blocks
+
+    return reuse_large_blocks(torch.device("cpu")) if variant in ("map", "mean-field") else contextlib.nullcontext()
+
+
+def measure_memory(variant: str, num_tasks: int, shape: dict) -> dict:
+    """Peak RSS of ``variant`` alone, after its covering steps and warm-up (the steady state)."""
+    import torch
+
+    step, cover = MAKE_STEP[variant](shape, num_tasks)
+    generator = torch.Generator().manual_seed(3)
+    with allocator(variant):
+        for batch in cover + [random_batch(shape, num_tasks, generator) for _ in range(WARMUP)]:
+            step(batch)
+    return {"peak_rss_mb": peak_rss_mb()}
+
+
+def measure_time(variant: str, num_tasks: int, shape: dict) -> dict:
+    """Median step times of ``variant`` and of peft, their steps interleaved in one process (the
+    machine's drift then hits both alike), on the same random batches."""
+    import torch
+
+    steps = {"peft": peft_step(shape, 1)[0], variant: MAKE_STEP[variant](shape, num_tasks)[0]}
+    generator = torch.Generator().manual_seed(3)
+    times: dict[str, list[float]] = {"peft": [], variant: []}
+    for round in range(WARMUP + shape["steps"]):
+        batch = random_batch(shape, num_tasks, generator)
+        for name in (("peft", variant) if round % 2 else (variant, "peft")):
+            with allocator(name):
+                started = time.perf_counter()
+                steps[name](batch)
+                elapsed = 1000 * (time.perf_counter() - started)
+            if round >= WARMUP:
+                times[name].append(elapsed)
+    return {"median_ms": statistics.median(times[variant]), "peft_ms": statistics.median(times["peft"])}
+
+
+def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
+    """Seconds for S posterior draws scored on a test set, and for S plain passes with fixed factors."""
+    import pyro
+    import torch
+
+    from bora_pyro import MultiTaskLM
+    from bora_pyro.data import Batch, DocumentSet
+    from bora_pyro.evaluate import document_log_probs
+    from bora_pyro.guides import mean_field_guide
+    from bora_pyro.models import BoRA, HierarchicalNormal
+    from bora_pyro.predictive import posterior_factors, sample_perplexities
+
+    lm = MultiTaskLM(base_model(shape), rank=shape["rank"], alpha=2 * shape["rank"], target_modules=TARGETS)
+    model = BoRA(lm, HierarchicalNormal(TAU), num_tasks)
+    guide = mean_field_guide(model, init_scale=0.01)
+    with torch.no_grad():
+        guide(Batch.probe())
+    generator = torch.Generator().manual_seed(4)
+    documents = DocumentSet([torch.randint(1, shape["vocab_size"], (shape["length"],), generator=generator).tolist()
+                             for _ in range(4 * num_tasks)], [d % num_tasks for d in range(4 * num_tasks)])
+    fixed = model.task_factors(guide.median())
+    started = time.perf_counter()
+    for _ in range(samples):
+        document_log_probs(lm, fixed, documents, pad_token_id=0)
+    plain = time.perf_counter() - started
+    pyro.set_rng_seed(0)
+    started = time.perf_counter()
+    sample_perplexities(lm, posterior_factors(model, guide, Batch.probe(), samples), documents,
+                        [str(d) for d in range(num_tasks)], pad_token_id=0)
+    return {"samples": samples, "plain_s": plain, "draws_s": time.perf_counter() - started}
+
+
+def child(args, *extra: str) -> dict:
+    """Run ``--child *extra`` in a fresh process and return its JSON."""
+    command = [sys.executable, __file__, *(["--quick"] if args.quick else []), "--child", *extra]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small shape (2 layers × 128), ≈ 1 min")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 25, 100], help="the values of D")
+    parser.add_argument("--samples", type=int, default=4, help="S of the predictive throughput check")
+    parser.add_argument("--json", metavar="FILE", help="write the step table as JSON to FILE")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = SHAPES["quick" if args.quick else "full"]
+    if args.child:
+        kind, *values = args.child
+        measure = {"predictive": lambda: measure_predictive(shape, int(values[0]), args.samples),
+                   "memory": lambda: measure_memory(values[0], int(values[1]), shape),
+                   "time": lambda: measure_time(values[0], int(values[1]), shape)}[kind]
+        print(json.dumps(measure()))
+        return
+
+    rows = [{"variant": variant, "D": d} for variant in ("paper-loop", "map", "mean-field") for d in args.tasks]
+    for row in rows:
+        row.update(child(args, "time", row["variant"], str(row["D"])))
+        row["ratio_to_peft"] = row["median_ms"] / row.pop("peft_ms")
+    peft = {"variant": "peft", "D": 1, "median_ms": statistics.median(row["median_ms"] / row["ratio_to_peft"]
+                                                                      for row in rows), "ratio_to_peft": 1.0}
+    rows.insert(0, peft)
+    for row in rows:
+        row.update(child(args, "memory", row["variant"], str(row["D"])))
+    print(f"{'variant':<11} {'D':>4} {'step ms':>9} {'× peft':>7} {'peak RSS MB':>12}")
+    for row in rows:
+        print(f"{row['variant']:<11} {row['D']:>4} {row['median_ms']:>9.0f} {row['ratio_to_peft']:>7.2f} "
+              f"{row['peak_rss_mb']:>12.0f}")
+    for variant in ("map", "mean-field"):
+        by_d = {row["D"]: row for row in rows if row["variant"] == variant}
+        low, high = min(by_d), max(by_d)
+        print(f"{variant}: step at D={high} / D={low}: {by_d[high]['ratio_to_peft'] / by_d[low]['ratio_to_peft']:.3f} "
+              "(of their ratios to peft)")
+    from bora_pyro import MultiTaskLM
+
+    adapter_params = MultiTaskLM(base_model(shape), rank=shape["rank"], target_modules=TARGETS).num_adapter_params
+    largest = max(args.tasks)
+    mean_field = next(row for row in rows if row["variant"] == "mean-field" and row["D"] == largest)
+    floats = (mean_field["peak_rss_mb"] - peft["peak_rss_mb"]) * 2**20 / 4 / (largest * adapter_params)
+    print(f"mean-field at D={largest}: peak RSS − peft's = {floats:.2f} floats per adapter parameter "
+          f"({adapter_params:,} per task)")
+    predictive = child(args, "predictive", str(min(25, largest)))
+    print(f"predictive, S={predictive['samples']} draws: {predictive['draws_s']:.2f} s vs {predictive['plain_s']:.2f} s "
+          f"for S plain passes: throughput {predictive['plain_s'] / predictive['draws_s']:.3f}× of S plain passes")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump([{key: row[key] for key in ("variant", "D", "median_ms", "ratio_to_peft", "peak_rss_mb")}
+                       for row in rows], file, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""``AutoNormal`` and ``AutoDelta`` whose per-task values are separate leaf tensors.
+
+A training step of BoRA samples only the batch's tasks (the tasks plate is subsampled, see
+:class:`~bora_pyro.models.bora.TaskSubsample`). Pyro's autoguides keep a site of the tasks plate
+as one [D, ...] parameter and index its rows: the gradient is then a dense [D, ...] tensor that
+is zero outside the batch's rows, and Adam still moves every row (its momentum) and pays for all
+D. Here each task's row of such a site is its own ``nn.Parameter``: rows of tasks that are not in
+the batch get no gradient (``.grad is None``), and torch's optimizers skip them, so a step costs
+the same whatever D. This is "lazy" Adam: a task's moments advance only in the steps that see it.
+
+Everything else is as in Pyro's guides: the same sites, distributions, ``median()`` and
+``quantiles()`` (over all D tasks); sites outside the tasks plate keep Pyro's parameters. Two
+costs are cut on the way, as the sites are big ([K, P] floats): the Normal's log-density at its
+own draw comes from the draw's noise (:class:`~bora_pyro.models.normal.DrawnNormal`), and a point mass whose log-density is 0 (every
+``Delta`` of the MAP guide, and of the mean-field guide on unconstrained sites) is masked out
+of the ELBO instead of being evaluated as ``log(value == value)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from operator import attrgetter
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import biject_to
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.infer.autoguide.guides import AutoGuide
+from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
+from pyro.nn import PyroModule, PyroParam
+from torch import nn
+from torch.distributions import constraints
+
+from bora_pyro.models.normal import normal
+
+TASKS = "tasks"
+
+
+class TaskRows(nn.Module):
+    """One site's unconstrained values for D tasks, one leaf parameter per task.
+
+    Args:
+        init: [..., K, ...] values of K tasks along ``dim``; task d starts at row ``d % K``.
+        dim: the tasks dim of the site's value (negative, counted from the right).
+        num_tasks: D.
+    """
+
+    def __init__(self, init: torch.Tensor, dim: int, num_tasks: int):
+        super().__init__()
+        self.dim = dim
+        self.rows = nn.ParameterList(
+            [nn.Parameter(init.select(dim, d % init.shape[dim]).detach().clone()) for d in range(num_tasks)])
+
+    def forward(self, tasks: Sequence[int] | None = None, transform=None) -> torch.Tensor:
+        """The rows of ``tasks`` (all D when None), each through ``transform`` if given (row by
+        row: no second [..., K, ...] tensor), stacked along ``dim``: [..., K, ...]."""
+        rows = list(self.rows) if tasks is None else [self.rows[d] for d in tasks]
+        return torch.stack(rows if transform is None else [transform(row) for row in rows], self.dim)
+
+
+def task_rows(site: dict, init: torch.Tensor, event_dim: int) -> TaskRows | None:
+    """Per-task leaves started at ``init`` (the site's unconstrained value, ``event_dim`` event
+    dims) for a site in the tasks plate; None for a site outside it."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name == TASKS:
+            return TaskRows(init, frame.dim - event_dim, frame.full_size or frame.size)
+    return None
+
+
+def is_identity(transform) -> bool:
+    """Whether ``transform`` (a ``biject_to`` result) maps a real site onto itself."""
+    while isinstance(transform, dist.transforms.IndependentTransform):
+        transform = transform.base_transform
+    return transform is biject_to(constraints.real)
+
+
+def rows_key(name: str) -> str:
+    """A site name as a module key (which cannot hold dots)."""
+    return name.replace(".", "/")
+
+
+class TaskwiseMixin:
+    """What both guides share: the batch's task indices, read from the tasks plate while the
+    guide runs (None, i.e. all tasks, outside a run: ``median()``, ``quantiles()``), and
+    parameters local to the guide.
+
+    Pyro's autoguides keep their parameters in Pyro's global param store by name, so a second
+    guide of the same class in one process takes over the first one's tensors (a τ sweep's
+    every fit would start where the previous one stopped, and share its tensors). These guides
+    run with ``module_local_params``: every guide owns its parameters, like a torch module.
+    """
+
+    _running = False
+
+    @property
+    def _batch_tasks(self) -> list[int] | None:
+        """The indices of the tasks plate's subsample while the guide runs, else None (all)."""
+        plates = getattr(self, "plates", {}) if self._running else {}
+        return plates[TASKS].indices.tolist() if TASKS in plates else None
+
+    def forward(self, *args, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            if self.prototype_trace is None:
+                self._setup_prototype(*args, **kwargs)
+            self._running = True
+            try:
+                return self._sample(*args, **kwargs)
+            finally:
+                self._running = False
+
+
+class TaskwiseNormal(TaskwiseMixin, AutoNormal):
+    """:class:`~pyro.infer.autoguide.AutoNormal` with one leaf ``loc`` and ``scale`` per task for
+    the sites of the tasks plate (``task_locs`` / ``task_scales``). Same arguments."""
+
+    def _setup_prototype(self, *args, **kwargs):
+        AutoGuide._setup_prototype(self, *args, **kwargs)
+        self._event_dims = {}
+        self.locs, self.scales = PyroModule(), PyroModule()
+        self.task_locs, self.task_scales = nn.ModuleDict(), nn.ModuleDict()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with helpful_support_errors(site):
+                init_loc = biject_to(site["fn"].support).inv(site["value"].detach()).detach()
+            event_dim = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
+            self._event_dims[name] = event_dim
+            init_scale = torch.full_like(init_loc, self._init_scale)
+            locs = task_rows(site, init_loc, event_dim)
+            if locs is None:
+                deep_setattr(self.locs, name, PyroParam(init_loc, constraints.real, event_dim))
+                deep_setattr(self.scales, name, PyroParam(init_scale, self.scale_constraint, event_dim))
+            else:
+                self.task_locs[rows_key(name)] = locs
+                unconstrained_scale = biject_to(self.scale_constraint).inv(init_scale)
+                self.task_scales[rows_key(name)] = task_rows(site, unconstrained_scale, event_dim)
+
+    def _sample(self, *args, **kwargs) -> dict:
+        """AutoNormal's forward, with the fused Normal and no log-density pass for identity transforms."""
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            transform = biject_to(site["fn"].support)
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                site_loc, site_scale = self._get_loc_and_scale(name)
+                unconstrained = pyro.sample(f"{name}_unconstrained", normal(site_loc, site_scale, self._event_dims[name], drawn=True),
+                                            infer={"is_auxiliary": True})
+                if is_identity(transform):
+                    point = dist.Delta(unconstrained, event_dim=site["fn"].event_dim).mask(False)
+                else:
+                    value = transform(unconstrained)
+                    log_density = 0.0 if poutine.get_mask() is False else sum_rightmost(
+                        transform.inv.log_abs_det_jacobian(value, unconstrained),
+                        unconstrained.dim() - value.dim() + site["fn"].event_dim)
+                    point = dist.Delta(value, log_density=log_density, event_dim=site["fn"].event_dim)
+                result[name] = pyro.sample(name, point)
+        return result
+
+    def _get_loc_and_scale(self, name):
+        key = rows_key(name)
+        if key not in self.task_locs:
+            return super()._get_loc_and_scale(name)
+        scale = self.task_scales[key](self._batch_tasks, biject_to(self.scale_constraint))
+        return self.task_locs[key](self._batch_tasks), scale
+
+
+class TaskwiseDelta(TaskwiseMixin, AutoDelta):
+    """:class:`~pyro.infer.autoguide.AutoDelta` (MAP) with one leaf value per task for the sites
+    of the tasks plate (``task_values``, unconstrained). Same arguments."""
+
+    def _setup_prototype(self, *args, **kwargs):
+        AutoGuide._setup_prototype(self, *args, **kwargs)
+        self.task_values = nn.ModuleDict()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            value, event_dim = site["value"].detach(), site["fn"].event_dim
+            rows = task_rows(site, biject_to(site["fn"].support).inv(value), event_dim)
+            if rows is None:
+                with helpful_support_errors(site):
+                    deep_setattr(self, name, PyroParam(value, site["fn"].support, event_dim))
+            else:
+                self.task_values[rows_key(name)] = rows
+
+    def value(self, name: str, site: dict) -> torch.Tensor:
+        """The point of site ``name`` (of the batch's tasks during a run)."""
+        key = rows_key(name)
+        if key not in self.task_values:
+            return attrgetter(name)(self)
+        return biject_to(site["fn"].support)(self.task_values[key](self._batch_tasks))
+
+    def _sample(self, *args, **kwargs) -> dict:
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                point = dist.Delta(self.value(name, site), event_dim=site["fn"].event_dim)
+                result[name] = pyro.sample(name, point.mask(False))  # its log-density is 0
+        return result
