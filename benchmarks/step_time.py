@@ -86,13 +86,19 @@ def covering_batches(shape: dict, num_tasks: int, generator):
     return [random_batch(shape, num_tasks, generator, tasks[i: i + BATCH]) for i in range(0, len(tasks), BATCH)]
 
 
-def peft_step(shape: dict, num_tasks: int):
-    """One peft LoRA adapter (``num_tasks`` is ignored): forward, cross-entropy, AdamW."""
-    import torch
+def peft_model(shape: dict, adapter_name: str = "default"):
+    """The base model with one peft LoRA adapter ``adapter_name``, and its LoraConfig (to add more)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], target_modules=TARGETS, fan_in_fan_out=True)
-    model = get_peft_model(base_model(shape), config)
+    return get_peft_model(base_model(shape), config, adapter_name=adapter_name), config
+
+
+def peft_step(shape: dict, num_tasks: int):
+    """One peft LoRA adapter (``num_tasks`` is ignored): forward, cross-entropy, AdamW."""
+    import torch
+
+    model, _ = peft_model(shape)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
     def step(batch):
@@ -106,10 +112,8 @@ def peft_step(shape: dict, num_tasks: int):
 def paper_loop_step(shape: dict, num_tasks: int):
     """peft with adapters ``global`` and ``task<d>``; one forward per task of the batch."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], target_modules=TARGETS, fan_in_fan_out=True)
-    model = get_peft_model(base_model(shape), config, adapter_name="global")
+    model, config = peft_model(shape, "global")
     for d in range(num_tasks):
         model.add_adapter(f"task{d}", config)
     adapters = {name: [p for n, p in model.named_parameters() if f".{name}." in n]

@@ -70,16 +70,15 @@ def adapter_factors(run: Run, task: str | None = None) -> Adapter:
     check_request(run.config, task)
     values = run.guide.median()
     if task is None:
-        adapter: Adapter = {name: (A[0], B[0]) for name, (A, B) in global_factors(run.model, values).items()}
-    else:
-        index = task_index(run.config, task)
-        with torch.no_grad():
-            factors = run.model.task_factors(values)
-        adapter = {name: (lora_A[index], lora_B[index]) for name, (lora_A, lora_B) in factors.items()}
-    return {
-        name: (lora_A.detach().float().cpu().contiguous(), lora_B.detach().float().cpu().contiguous())
-        for name, (lora_A, lora_B) in adapter.items()
-    }
+        return row_adapter(global_factors(run.model, values), 0)
+    with torch.no_grad():
+        return row_adapter(run.model.task_factors(values), task_index(run.config, task))
+
+
+def row_adapter(factors, index: int) -> Adapter:
+    """Row ``index`` of factors [T, ...] per module as one adapter, on the CPU in float32."""
+    return {name: (lora_A[index].detach().float().cpu().contiguous(), lora_B[index].detach().float().cpu().contiguous())
+            for name, (lora_A, lora_B) in factors.items()}
 
 
 def peft_target_modules(run: Run) -> list[str]:
@@ -163,12 +162,10 @@ def export_peft_all(run: Run, out_dir: str | Path) -> Path:
     index: dict = {"tasks": {}, "global": None}
     for i, task in enumerate(run.config.task_names):
         folder = Path("tasks") / folder_name(task, taken)
-        adapter = {name: (A[i].detach().float().cpu().contiguous(), B[i].detach().float().cpu().contiguous())
-                   for name, (A, B) in factors.items()}
-        write_peft_adapter(run, adapter, out_dir / folder)
+        write_peft_adapter(run, row_adapter(factors, i), out_dir / folder)
         index["tasks"][task] = folder.as_posix()
     try:
-        global_adapter = adapter_factors(run, None)
+        global_adapter = row_adapter(global_factors(run.model, values), 0)
     except ConfigError:  # a prior without global factors
         global_adapter = None
     if global_adapter is not None:

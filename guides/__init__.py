@@ -34,7 +34,7 @@ from bora_pyro.errors import ConfigError
 from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
 from bora_pyro.models.priors import PACKED, factor_layout, hyperparameter_sites, is_factor_site
 
-from .taskwise import TaskwiseDelta, TaskwiseNormal
+from .taskwise import TaskwiseDelta, TaskwiseNormal, unmangled
 
 __all__ = ["LoRAInit", "TaskwiseDelta", "TaskwiseNormal", "hybrid_guide", "map_guide", "mean_field_guide",
            "param_groups", "quantiles"]
@@ -149,8 +149,8 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
     """
     locations, log_scales = [], []
     for name, parameter in guide.named_parameters():
-        site = re.sub(r"\.rows\.\d+$", "", name.removesuffix("_unconstrained")).replace("/", ".")  # task rows' keys
-        is_location = is_factor_site(site) and re.search(r"(^|\.)(task_)?scales\.", name) is None
+        is_location = (is_factor_site(unmangled(name).removesuffix("_unconstrained"))
+                       and re.search(r"(^|\.)(task_)?scales\.", name) is None)
         (locations if is_location else log_scales).append(parameter)
     return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]
 

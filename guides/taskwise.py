@@ -18,6 +18,7 @@ of the ELBO instead of being evaluated as ``log(value == value)``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from operator import attrgetter
@@ -81,6 +82,12 @@ def is_identity(transform) -> bool:
 def rows_key(name: str) -> str:
     """A site name as a module key (which cannot hold dots)."""
     return name.replace(".", "/")
+
+
+def unmangled(parameter_name: str) -> str:
+    """A guide parameter's name with a task row's key turned back into its site's name:
+    ``task_locs.task/lora.rows.3`` → ``task_locs.task.lora`` (other names unchanged)."""
+    return re.sub(r"\.rows\.\d+$", "", parameter_name).replace("/", ".")
 
 
 class TaskwiseMixin:
@@ -165,8 +172,8 @@ class TaskwiseNormal(TaskwiseMixin, AutoNormal):
         key = rows_key(name)
         if key not in self.task_locs:
             return super()._get_loc_and_scale(name)
-        scale = self.task_scales[key](self._batch_tasks, biject_to(self.scale_constraint))
-        return self.task_locs[key](self._batch_tasks), scale
+        tasks = self._batch_tasks
+        return self.task_locs[key](tasks), self.task_scales[key](tasks, biject_to(self.scale_constraint))
 
 
 class TaskwiseDelta(TaskwiseMixin, AutoDelta):

@@ -14,7 +14,7 @@ from bora_pyro.guides import map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal
 from bora_pyro.models.bora import TaskSubsample
 from bora_pyro.packing import FactorLayout
-from conftest import synthetic_records
+from conftest import per_module_values, synthetic_records
 
 TAU, GLOBAL_SCALE = 30.0, 0.5
 
@@ -133,12 +133,10 @@ def test_an_epoch_of_fast_steps_is_the_full_gradient_of_the_per_module_model(set
 
     layout = FactorLayout(lm.modules_spec)
     rows = guide.task_values["task/lora"].rows
-    values = {"global.lora": guide.get_parameter("global.lora_unconstrained"), "task.lora": torch.stack(list(rows))}
-    per_module = {}
-    for level, value in values.items():
-        for module, (A, B) in layout.unpack(value.detach()).items():
-            per_module[f"{level.split('.')[0]}.{module}.lora_A"] = A.clone().requires_grad_()
-            per_module[f"{level.split('.')[0]}.{module}.lora_B"] = B.clone().requires_grad_()
+    packed = {"global.lora": guide.get_parameter("global.lora_unconstrained").detach(),
+              "task.lora": torch.stack(list(rows)).detach()}
+    per_module = {name: value.clone().requires_grad_()
+                  for name, value in per_module_values(packed, lm.modules_spec).items() if name not in packed}
     reference = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE, packed=False), corpus.num_tasks)
     everything = corpus.train.collate(range(len(corpus.train)), corpus.pad_token_id)
     everything.task_sizes = None  # the full tasks plate, every task every time
