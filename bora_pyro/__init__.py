@@ -5,6 +5,7 @@ The public API::
     from bora_pyro import MultiTaskLM, MultiTaskCorpus, fit, evaluate
     from bora_pyro.models import BoRA, HierarchicalNormal, Independent, Joint
     from bora_pyro.guides import map_guide, mean_field_guide
+    from bora_pyro import distributed  # under torchrun: distributed.init_from_env(device), then fit as usual
 """
 
 __version__ = "0.1.0"

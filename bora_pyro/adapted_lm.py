@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
 from .errors import ConfigError, ModelError, first_line
@@ -232,14 +235,52 @@ class MultiTaskLM(nn.Module):
         num_factors = next(iter(factors.values()))[0].shape[0] if factors else 0
         if len(row_tasks) == num_factors and torch.equal(row_tasks, torch.arange(num_factors, device=row_tasks.device)):
             row_tasks = None  # row b uses factor b: the layers need not gather
+        with self.adapters_set({name: (*factors[name], row_tasks) for name in self.layers}):
+            yield
+
+    @contextlib.contextmanager
+    def adapters_set(self, settings: Mapping[str, tuple]) -> Iterator[None]:
+        """Within the block, layer ``name`` uses ``settings[name]`` = (lora_A, lora_B, row_tasks);
+        the settings before are restored after it."""
+        before = self.adapter_settings()
         for name, layer in self.layers.items():
-            lora_A, lora_B = factors[name]
-            layer.set_adapters(lora_A, lora_B, row_tasks)
+            layer.set_adapters(*settings[name])
         try:
             yield
         finally:
-            for layer in self.layers.values():
-                layer.set_adapters(None, None, None)
+            for name, layer in self.layers.items():
+                layer.set_adapters(*before[name])
+
+    def adapter_settings(self) -> dict[str, tuple]:
+        """Every layer's (lora_A, lora_B, row_tasks) now."""
+        return {name: (layer.lora_A, layer.lora_B, layer.row_tasks) for name, layer in self.layers.items()}
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each transformer block's input for the backward pass and recompute the rest
+        there (HF's activation checkpointing, non-reentrant): activation memory of one block
+        instead of all, for one more forward pass.
+
+        The recomputation runs after :meth:`adapters` has exited, so it gets the factors of its
+        forward pass back (``context_fn``). The base model stays in eval mode (no dropout): only
+        the blocks' own ``training`` flag, which HF's checkpointing asks for, is set.
+
+        Raises:
+            ConfigError: the architecture has no blocks that transformers can checkpoint.
+        """
+        blocks = [module for module in self.model.modules() if isinstance(module, GradientCheckpointingLayer)]
+        if not blocks:
+            raise ConfigError(f"transformers cannot checkpoint the blocks of this {self.model.config.model_type!r} "
+                              "model; drop --gradient-checkpointing")
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                                       context_fn=self.checkpoint_contexts)
+        for block in blocks:
+            block.gradient_checkpointing, block._gradient_checkpointing_func = True, checkpoint
+            block.training = True  # the block's flag alone: its submodules (dropout) stay in eval mode
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``torch.utils.checkpoint``'s contexts for a block's forward pass (none) and for its
+        recomputation in the backward pass (the adapters as they are now)."""
+        return contextlib.nullcontext(), self.adapters_set(self.adapter_settings())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -254,7 +295,8 @@ class MultiTaskLM(nn.Module):
         Returns:
             [batch] float32: ``Σ_{i=1}^{n-1} log p(w_i | w_{<i})`` over each document's n real tokens.
         """
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # [batch, length, vocab]
+        # [batch, length, vocab]; no key/value cache: nothing is generated
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
         # position i predicts token i+1; the last position predicts nothing (like HF's loss: no copy of the logits)
         targets = nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
         token_nll = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")

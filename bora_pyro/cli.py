@@ -14,14 +14,15 @@ from typing import NoReturn
 import datasets
 import transformers
 
+from . import distributed
 from .cli_predict import SEPARATOR, add_generate_arguments, add_predict_arguments, run_generate, run_predict
 from .errors import BoRAError, ConfigError, DataError, FitError, FitInterrupted
 from .evaluate import evaluate, evaluate_base
 from .export import check_request, export_peft, export_peft_all, save_merged
 from .fit import fit
 from .run import (
-    CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, PRIORS, RunConfig, build_lm, build_model, check_base_model,
-    load_checkpoint, load_corpus, load_run, read_config, save_checkpoint, save_config, save_run,
+    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, PRIORS, RunConfig, build_lm, build_model,
+    check_base_model, load_checkpoint, load_corpus, load_run, read_config, save_checkpoint, save_config, save_run,
 )
 
 #: Flags that ``fit --resume`` accepts; every other setting comes from the run's config.json.
@@ -91,6 +92,11 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass (CUDA)")
+    parser.add_argument("--base-dtype", choices=tuple(BASE_DTYPES), default=defaults.base_dtype,
+                        help="dtype of the frozen base model's weights (bfloat16 halves a big base's memory); "
+                             "adapters and guide stay float32")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each block's activations in the backward pass instead of keeping them")
     parser.add_argument("--out", help="run directory to write (checkpointed at every validation check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -115,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         optimizer=args.optimizer,
         weight_decay=args.weight_decay,
         eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device, bf16=args.bf16,
+        base_dtype=args.base_dtype, gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -178,12 +185,15 @@ def run_fit(args: argparse.Namespace) -> dict:
         run_dir = args.out
         check_new_run_dir(run_dir)
     config.validate()
+    config.device = distributed.init_from_env(config.device)  # under torchrun: join the others
+    main_process = distributed.is_main()  # the one that writes the run directory
     resume = load_checkpoint(run_dir, device=config.device) if args.resume else None
     lm, tokenizer = build_lm(config)
     check_base_model(config, lm)
     corpus = load_corpus(config, tokenizer)
     config.task_names = corpus.task_names
-    save_config(run_dir, config)
+    if main_process:
+        save_config(run_dir, config)
     model, guide = build_model(config, lm)
     try:
         result = fit(
@@ -202,7 +212,8 @@ def run_fit(args: argparse.Namespace) -> dict:
         "test": evaluate(model, guide, corpus, "test") if tested else None,
         "base_test": evaluate_base(lm, corpus, "test") if tested else None,
     }
-    save_run(run_dir, config, guide, metrics)
+    if main_process:
+        save_run(run_dir, config, guide, metrics)
     return {"run_dir": str(run_dir), "test_perplexity": metrics["test"]["perplexity"] if tested else None,
             "base_test_perplexity": metrics["base_test"]["perplexity"] if tested else None, "steps": result.steps}
 
@@ -287,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    caller_group = distributed.world()[1] > 1  # a process group the caller joined stays joined
     try:
         with one_line_warnings(args.command):
             output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export, "predict": run_predict,
@@ -302,6 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bora-pyro {args.command}: interrupted; no file was left half-written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        prints = distributed.is_main()  # under torchrun: one process prints the result
+        if not caller_group:
+            distributed.shutdown()
+    if not prints:
+        return 0
     if args.command == "generate" and not args.json:
         print(SEPARATOR.join(output))
     else:

@@ -27,6 +27,28 @@ LENGTH_GROUP_BATCHES = 32
 
 
 @dataclass
+class Shard:
+    """Where a batch's rows sit in a global batch that several processes share (data-parallel SVI,
+    see :mod:`bora_pyro.distributed`): every process samples the global batch's tasks.
+
+    Attributes:
+        task_ids: [global batch] long, every row's task in the global batch.
+        task_sizes: [global batch] long or None, the split's documents of each of those rows' task.
+        rows: [batch] long, the positions of this batch's rows in the global batch.
+        num_shards: the number of processes the global batch is split across.
+    """
+
+    task_ids: torch.Tensor
+    task_sizes: torch.Tensor | None
+    rows: torch.Tensor
+    num_shards: int
+
+    def to(self, device: torch.device | str) -> Shard:
+        sizes = None if self.task_sizes is None else self.task_sizes.to(device)
+        return Shard(self.task_ids.to(device), sizes, self.rows.to(device), self.num_shards)
+
+
+@dataclass
 class Batch:
     """A padded batch of documents from one split.
 
@@ -38,6 +60,7 @@ class Batch:
         num_docs: number of documents in the split (the ``docs`` plate's size).
         task_sizes: [batch] long, the split's number of documents of each row's task; with it
             the model samples only the batch's tasks (``BoRA.tasks_plate``), without it all.
+        shard: set when these rows are one process's share of a global batch (:meth:`shard`).
     """
 
     input_ids: torch.Tensor
@@ -46,6 +69,7 @@ class Batch:
     doc_ids: torch.Tensor
     num_docs: int
     task_sizes: torch.Tensor | None = None
+    shard_of: Shard | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -55,7 +79,27 @@ class Batch:
             self.doc_ids.to(device),
             self.num_docs,
             None if self.task_sizes is None else self.task_sizes.to(device),
+            None if self.shard_of is None else self.shard_of.to(device),
         )
+
+    def shard(self, index: int, num_shards: int) -> Batch:
+        """Rows ``index`` of ``num_shards`` contiguous, near-equal parts of this batch (an empty
+        part when the batch has fewer rows than parts), knowing the whole batch's tasks."""
+        if num_shards == 1:
+            return self
+        rows = torch.tensor_split(torch.arange(len(self.task_ids), device=self.task_ids.device), num_shards)[index]
+        sizes = None if self.task_sizes is None else self.task_sizes[rows]
+        return Batch(self.input_ids[rows], self.attention_mask[rows], self.task_ids[rows], self.doc_ids[rows],
+                     self.num_docs, sizes, Shard(self.task_ids, self.task_sizes, rows, num_shards))
+
+    @property
+    def likelihood_scale(self) -> float:
+        """The weight of these rows' log-likelihood beyond the docs plate's ``N / batch``: 1, or
+        ``num_shards · batch / global batch`` for a shard, so that the processes' ELBOs average
+        to the global batch's (each row weighs ``N / global batch``)."""
+        if self.shard_of is None:
+            return 1.0
+        return self.shard_of.num_shards * len(self.task_ids) / len(self.shard_of.task_ids)
 
     @classmethod
     def probe(cls, token_id: int = 0, device: torch.device | str = "cpu") -> Batch:

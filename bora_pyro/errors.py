@@ -40,7 +40,7 @@ class FitError(BoRAError, ArithmeticError):
 
 
 class FitInterrupted(KeyboardInterrupt):
-    """A fit stopped by SIGINT (Ctrl-C) after finishing a step and saving a checkpoint of it.
+    """A fit stopped by SIGINT (Ctrl-C) or SIGTERM after finishing a step and saving a checkpoint of it.
 
     Attributes:
         step: the last completed step; ``fit(..., resume=...)`` continues after it.

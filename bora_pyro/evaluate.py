@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import distributed
 from .allocator import reuse_large_blocks
 from .data import DocumentSet
 
@@ -23,17 +24,20 @@ def document_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-likelihood [N] and predicted-token count [N] of every document of a split.
 
-    ``factors`` are the [D, ...] factors of every task (``None``: the base model alone).
+    ``factors`` are the [D, ...] factors of every task (``None``: the base model alone). In a
+    data-parallel run every process must call it: each scores every ``world``-th batch, and the
+    results are summed over the processes.
     """
     log_probs, tokens = torch.zeros(len(documents)), torch.zeros(len(documents), dtype=torch.long)
     by_length = sorted(range(len(documents)), key=lambda i: len(documents.documents[i]))  # little padding
+    rank, num_ranks = distributed.world()
     with reuse_large_blocks(lm.device):  # the logits of a batch reuse the memory of the batch before
-        for start in range(0, len(documents), batch_size):
+        for start in range(rank * batch_size, len(documents), num_ranks * batch_size):
             batch = documents.collate(by_length[start : start + batch_size], pad_token_id).to(lm.device)
             with contextlib.nullcontext() if factors is None else lm.adapters(factors, batch.task_ids):
                 log_probs[batch.doc_ids.cpu()] = lm.sequence_log_prob(batch.input_ids, batch.attention_mask).float().cpu()
             tokens[batch.doc_ids.cpu()] = (batch.attention_mask.sum(-1) - 1).cpu()
-    return log_probs, tokens
+    return distributed.sum_over_ranks(log_probs), distributed.sum_over_ranks(tokens)
 
 
 def perplexity_report(

@@ -23,6 +23,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from . import distributed
 from .allocator import reuse_large_blocks
 from .data import Batch, MultiTaskCorpus
 from .errors import ConfigError, FitError, FitInterrupted
@@ -90,7 +91,7 @@ class TrainState:
 
     ``guide``/``best_guide``/``optimizer`` are state dicts; ``rng`` holds torch's, Python's and
     NumPy's generator states; ``batches`` the :class:`BatchStream` state; ``window`` the running
-    sums since the last check (a checkpoint written on SIGINT falls between checks).
+    sums since the last check (a checkpoint written on SIGINT/SIGTERM falls between checks).
     """
 
     step: int
@@ -125,27 +126,32 @@ def not_finite(what: str, step: int, lr: float, checkpoint_step: int | None) -> 
                     f"{saved}): lower the learning rate (e.g. lr={lr / 10:g})", step, checkpoint_step, what)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def deferred_sigint() -> Iterator[Callable[[], bool]]:
-    """Within the block, a first SIGINT (Ctrl-C) only sets the flag the yielded function reads, so
-    the fit can finish its step and checkpoint it; a second one interrupts at once. Outside the
-    main thread signals cannot be caught, and SIGINT keeps its usual effect."""
+def deferred_stop() -> Iterator[Callable[[], bool]]:
+    """Within the block, a first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, ``torchrun``
+    passing on a Ctrl-C) only sets the flag the yielded function reads, so the fit can finish its
+    step and checkpoint it; the same signal a second time interrupts at once. Outside the main
+    thread signals cannot be caught, and they keep their usual effect."""
     received: list[int] = []
 
     def handler(signum, frame):
-        if received:
+        if signum in received:
             raise KeyboardInterrupt
         received.append(signum)
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     except ValueError:  # not the main thread
         yield lambda: False
         return
     try:
         yield lambda: bool(received)
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before if handler_before is not None else signal.SIG_DFL)
 
 
 def check_fit_settings(steps: int | None, epochs: float | None, batch_size: int, lr: float,
@@ -174,43 +180,70 @@ class NotFinite(Exception):
         self.what = what
 
 
+@dataclass
+class StepReport:
+    """What one step saw, over the global batch (summed over the processes of a data-parallel fit):
+    the loss, the batch's log-likelihood and predicted tokens; ``interrupted``: whether any
+    process was asked to stop."""
+
+    loss: float
+    log_likelihood: float
+    tokens: int
+    interrupted: bool = False
+
+
 class SVIStep:
     """One SVI step on a batch: ``Trace_ELBO`` loss, backward, optimizer step.
 
     Only the guide parameters the batch reaches get a gradient (the batch's tasks, see
-    :mod:`bora_pyro.guides.taskwise`); the optimizer skips the rest. Calling it returns the loss
-    (a float) and the batch's document log-likelihoods, [batch].
+    :mod:`bora_pyro.guides.taskwise`); the optimizer skips the rest. In a data-parallel fit
+    (:mod:`bora_pyro.distributed`) the batch is this process's shard: the gradients are averaged
+    over the processes before the update, and every process takes the same decisions (a
+    non-finite loss anywhere stops them all).
 
     Raises:
-        NotFinite: the loss or a gradient is nan or inf; the parameters are left unchanged.
+        NotFinite: the loss or a gradient is nan or inf (on any process); the parameters are left unchanged.
     """
 
     def __init__(self, model, guide, optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext()):
-        self.model, self.guide, self.optimizer, self.autocast = poutine.trace(model), guide, optimizer, autocast
+        self.model, self.guide, self.optimizer, self.autocast = model, guide, optimizer, autocast
         self.elbo = Trace_ELBO()
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         self.validated = False
 
-    def __call__(self, batch: Batch) -> tuple[float, torch.Tensor]:
+    def __call__(self, batch: Batch, interrupted: bool = False) -> StepReport:
+        """Take the step; ``interrupted``: this process was asked to stop (reported to all)."""
         # Pyro validates the first step's distributions and values (a prior's shape or support
         # error shows there); every later step skips it: it walks each [K, P] site once more
         validation = contextlib.nullcontext() if not self.validated else pyro.validation_enabled(False)
+        model = poutine.trace(self.model)
+        loss = None
         try:
             with self.autocast, validation:
-                loss = self.elbo.differentiable_loss(self.model, self.guide, batch)
+                loss = self.elbo.differentiable_loss(model, self.guide, batch)
         except ValueError as error:  # Pyro's validation of a distribution fed nan
             if "invalid values" not in str(error):
                 raise
-            raise NotFinite("loss") from None
-        if not torch.isfinite(loss):
+        log_likelihood = model.trace.nodes["_RETURN"]["value"].detach() if loss is not None else None
+        num_ranks = distributed.world()[1]
+        # one collective: whether every process's loss is finite, the global batch's figures, the stop flag
+        report = distributed.sum_over_ranks(torch.tensor([
+            1.0 if loss is None else float(~torch.isfinite(loss.detach())),
+            0.0 if loss is None else float(loss.detach()) / num_ranks,
+            0.0 if log_likelihood is None else float(log_likelihood.sum()),
+            float(batch.num_predicted_tokens),
+            float(interrupted),
+        ], dtype=torch.float64)).tolist()
+        if report[0] > 0:
             raise NotFinite("loss")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.parameters)
         if not all_finite(p.grad for p in self.parameters if p.grad is not None):
             raise NotFinite("gradient")
         self.optimizer.step()
         self.validated = True
-        return float(loss.detach()), self.model.trace.nodes["_RETURN"]["value"].detach()  # the model returns it
+        return StepReport(report[1], report[2], int(report[3]), report[4] > 0)
 
 
 def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -261,7 +294,8 @@ def fit(
         bf16: bf16 autocast of the forward pass (CUDA, or CPUs with bf16 support such as AMX);
             factors, guide parameters and the likelihood's log-softmax stay float32.
         on_checkpoint: called with the :class:`TrainState` after every check (e.g. to save it),
-            and after the step at which a SIGINT (Ctrl-C) arrived.
+            and after the step at which a SIGINT (Ctrl-C) or SIGTERM arrived. In a data-parallel
+            fit only the first process (rank 0) calls it.
         resume: a saved :class:`TrainState` to continue from; with the same arguments the fit then
             ends with the same parameters, bit for bit on CPU, as one that was never stopped. A
             different ``lr`` replaces the saved one (e.g. to continue after a :class:`FitError`).
@@ -269,9 +303,15 @@ def fit(
     Raises:
         FitError: the loss or its gradient stopped being finite; the guide keeps the parameters of
             the step before, and nothing is passed to ``on_checkpoint`` for the failed step.
-        FitInterrupted: a SIGINT arrived; the step it arrived in was finished and checkpointed
-            (``on_checkpoint``), so ``resume`` continues exactly after it. The guide keeps that
-            step's parameters. A second SIGINT interrupts at once, with a plain KeyboardInterrupt.
+        FitInterrupted: a SIGINT or SIGTERM arrived (at any process); the step it arrived in was
+            finished and checkpointed (``on_checkpoint``), so ``resume`` continues exactly after it.
+            The guide keeps that step's parameters. The same signal a second time interrupts at
+            once, with a plain KeyboardInterrupt.
+
+    Data-parallel (``torchrun``, after :func:`bora_pyro.distributed.init_from_env`): every process
+    calls ``fit`` with the same arguments; each scores its share of every global batch of
+    ``batch_size`` documents and of the validation split, the gradients are averaged, and the
+    processes end with the same parameters as one process would (up to rounding).
     """
     check_fit_settings(steps, epochs, batch_size, lr, log_scale_lr)
     steps_per_epoch = math.ceil(len(corpus.train) / batch_size)
@@ -282,8 +322,10 @@ def fit(
     eval_every = eval_every or steps_per_epoch
     validate = len(corpus.validation) > 0
 
-    pyro.set_rng_seed(seed)
-    batches = BatchStream(corpus, batch_size, seed)
+    rank, num_ranks = distributed.world()
+    main = rank == 0
+    pyro.set_rng_seed(seed)  # the same on every process: they draw the same noise for the same tasks
+    batches = BatchStream(corpus, batch_size, seed)  # every process draws the same global batches
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
@@ -308,13 +350,15 @@ def fit(
 
     def checkpoint(step: int) -> None:
         nonlocal checkpoint_step
-        if on_checkpoint is not None and checkpoint_step != step:
+        if on_checkpoint is None or checkpoint_step == step:
+            return
+        if main:  # one process writes; the others know the step that is saved
             on_checkpoint(TrainState(
                 step=step, guide=guide.state_dict(), optimizer=optim.state_dict(), rng=get_rng_state(),
                 batches=batches.state(), best_guide=best_state, best_nll=best_nll, best_step=result.best_step,
                 checks_without_gain=checks_without_gain, history=result.history, window=dict(window),
             ))
-            checkpoint_step = step
+        checkpoint_step = step
 
     def check(step: int) -> bool:
         """Record a history entry, validate, checkpoint; whether patience has run out."""
@@ -340,18 +384,18 @@ def fit(
         checkpoint(step)
         return patience is not None and checks_without_gain >= patience
 
-    bar = tqdm(range(result.steps + 1, total_steps + 1), desc="fit", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(range(result.steps + 1, total_steps + 1), desc="fit", disable=not (progress and main), dynamic_ncols=True,
                initial=result.steps, total=total_steps)
-    with deferred_sigint() as interrupted, contextlib.closing(bar), reuse_large_blocks(device):
+    with deferred_stop() as interrupted, contextlib.closing(bar), reuse_large_blocks(device):
         for step in bar:
-            batch = next(batches).to(device)
+            batch = next(batches).shard(rank, num_ranks).to(device)
             try:
-                loss, log_likelihood = svi_step(batch)
+                report = svi_step(batch, interrupted())
             except NotFinite as error:
                 raise not_finite(error.what, step, lr, checkpoint_step) from None
-            window["log_likelihood"] += float(log_likelihood.sum())
-            window["tokens"] += batch.num_predicted_tokens
-            window["loss"] += loss
+            window["log_likelihood"] += report.log_likelihood
+            window["tokens"] += report.tokens
+            window["loss"] += report.loss
             result.steps = step
             if progress and step % 10 == 0:
                 bar.set_postfix(elbo=f"{-window['loss'] / window_steps(step, eval_every):.4g}",
@@ -360,7 +404,7 @@ def fit(
             if (step % eval_every == 0 or step == total_steps) and check(step):
                 result.stopped_early = True
                 break
-            if interrupted():
+            if report.interrupted:
                 checkpoint(step)
                 raise FitInterrupted(step)
     if best_state is not None:

@@ -31,6 +31,7 @@ from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperpri
 CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 PRIORS = ("hierarchical", "independent", "joint")
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GUIDES = ("map", "mean-field", "hybrid")
 
 
@@ -68,6 +69,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False
+    base_dtype: str = "float32"  # the frozen base's weights; adapters and guide stay float32
+    gradient_checkpointing: bool = False
     task_names: list[str] = field(default_factory=list)
     base_fingerprint: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -91,6 +94,8 @@ class RunConfig:
                               "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
         if self.data is not None and not Path(self.data).is_file():
             raise ConfigError(f"data file {self.data!r} does not exist; check the --data path")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"unknown base dtype {self.base_dtype!r}: choose one of {tuple(BASE_DTYPES)}")
         check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr, self.log_scale_lr)
         check_device(self.device)
 
@@ -134,10 +139,13 @@ def make_guide(config: RunConfig, model: BoRA):
 
 
 def build_lm(config: RunConfig) -> tuple[MultiTaskLM, object]:
-    """The wrapped LM on ``config.device`` and its tokenizer."""
+    """The wrapped LM on ``config.device`` (base weights in ``config.base_dtype``) and its tokenizer."""
     lm = MultiTaskLM.from_pretrained(
-        config.model, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules
+        config.model, dtype=BASE_DTYPES[config.base_dtype], rank=config.rank, alpha=config.alpha,
+        target_modules=config.target_modules,
     )
+    if config.gradient_checkpointing:
+        lm.enable_gradient_checkpointing()
     lm.check_max_length(config.max_length)
     tokenizer = load_tokenizer(config.model)
     check_vocabulary(lm.model, tokenizer)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -29,7 +30,7 @@ import matplotlib
 import pyro
 import torch
 
-from bora_pyro import MultiTaskCorpus, evaluate, evaluate_base, fit, load_run
+from bora_pyro import MultiTaskCorpus, distributed, evaluate, evaluate_base, fit, load_run
 from bora_pyro.cli import main as cli
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers, unseen_speakers
 from bora_pyro.generation import generate
@@ -68,10 +69,12 @@ def fit_run(base_dir: Path, records: list[dict], max_length: int, args) -> Path:
     if (run_dir / "guide.safetensors").exists() and not args.refit:
         print(f"reusing the fitted run in {run_dir} (--refit to fit again)", flush=True)
         return run_dir
-    data.write_text("".join(json.dumps(record) + "\n" for record in records))
-    if run_dir.exists():
-        for path in run_dir.iterdir():
-            path.unlink()
+    with distributed.main_first():  # the others wait until rank 0 has written the data
+        if distributed.is_main():
+            data.write_text("".join(json.dumps(record) + "\n" for record in records))
+            if run_dir.exists():
+                for path in run_dir.iterdir():
+                    path.unlink()
     flags = ["fit", "--model", str(base_dir), "--data", str(data), "--prior", "hierarchical",
              "--tau-prior", "lognormal:6.9,2", "--non-centered", "--guide", "hybrid", "--lr", "1e-3",
              "--log-scale-lr", "0.05", "--steps", str(args.steps), "--batch-size", "16", "--max-length", str(max_length),
@@ -167,11 +170,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     torch.set_float32_matmul_precision("high")
+    distributed.init_from_env("cpu")  # under torchrun: data-parallel fits and evaluations
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # one process reports
     plays = load_plays()
     speakers = select_speakers(plays)
     config = BaseModelConfig.quick() if args.quick else BaseModelConfig()
-    base_dir = pretrain_base(speakers.base_texts, args.cache_dir, config, progress=not args.quick)
-    args.out.mkdir(parents=True, exist_ok=True)
+    with distributed.main_first():  # one process pretrains, the others load its cache
+        base_dir = pretrain_base(speakers.base_texts, args.cache_dir, config, progress=not args.quick)
+        args.out.mkdir(parents=True, exist_ok=True)
     run_dir = fit_run(base_dir, speakers.tasks, min(128, config.n_positions), args)
     run = load_run(run_dir)
     corpus = load_corpus(run.config, run.tokenizer)  # the run's data, split as in its fit
@@ -200,10 +207,12 @@ def main(argv=None) -> int:
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python examples/posterior_predictive.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    (args.out / "predictive.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_shrinkage(shrink, args.out / "shrinkage.png")
-    write_markdown(results, args.out / "predictive.md")
+    if distributed.is_main():
+        (args.out / "predictive.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot_shrinkage(shrink, args.out / "shrinkage.png")
+        write_markdown(results, args.out / "predictive.md")
     print(f"done in {results['minutes']} min; results in {args.out}", flush=True)
+    distributed.shutdown()
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import pyro.distributions as dist
 import torch
 
-from bora_pyro import MultiTaskCorpus, MultiTaskLM, evaluate, evaluate_base, fit, load_tokenizer
+from bora_pyro import MultiTaskCorpus, MultiTaskLM, distributed, evaluate, evaluate_base, fit, load_tokenizer
 from bora_pyro.errors import ConfigError
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, quantiles
@@ -164,12 +165,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     torch.set_float32_matmul_precision("high")
+    args.device = distributed.init_from_env(args.device)  # under torchrun: data-parallel fits
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # one process reports
     speakers = select_speakers(load_plays())
     print(f"{len(speakers.task_sizes())} speakers from {len(speakers.task_plays)} plays; "
           f"base corpus: {len(speakers.base_plays)} plays, {sum(map(len, speakers.base_texts)):,} characters", flush=True)
     if args.model is None:
         config = BaseModelConfig.quick() if args.quick else BaseModelConfig()
-        base_dir = pretrain_base(speakers.base_texts, args.cache_dir, config, progress=not args.quick)
+        with distributed.main_first():  # one process pretrains, the others load its cache
+            base_dir = pretrain_base(speakers.base_texts, args.cache_dir, config, progress=not args.quick)
         base_info = load_info(base_dir)
         print(f"base model {base_dir} (held-out ppl on base plays {base_info['val_ppl']:.1f})", flush=True)
     else:
@@ -205,10 +210,12 @@ def main(argv=None) -> int:
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python examples/shakespeare_speakers.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_report(results, args.out)
+    if distributed.is_main():
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(results, args.out)
     print(f"done in {results['minutes']} min; results in {args.out}", flush=True)
+    distributed.shutdown()
     return 0
 
 

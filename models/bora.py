@@ -80,7 +80,10 @@ class BoRA:
     Calling the model on a :class:`~bora_pyro.data.Batch` samples the factors from the prior and
     scores the batch's documents; it returns their log-likelihoods, [batch]. A batch that knows
     its tasks' sizes (every batch of :meth:`DocumentSet.batches <bora_pyro.data.DocumentSet.batches>`)
-    samples only its own tasks (:class:`TaskSubsample`); one that does not samples all D.
+    samples only its own tasks (:class:`TaskSubsample`); one that does not samples all D. A
+    process's shard of a global batch (data-parallel SVI, :meth:`Batch.shard
+    <bora_pyro.data.Batch.shard>`) samples the global batch's tasks and weights its rows'
+    likelihood by ``Batch.likelihood_scale``.
     """
 
     def __init__(self, lm: MultiTaskLM, prior: Prior, num_tasks: int):
@@ -91,15 +94,21 @@ class BoRA:
         batch has ``task_sizes``. Guides take it as ``create_plates`` so they subsample alike."""
         if batch is None or batch.task_sizes is None:
             return pyro.plate("tasks", self.num_tasks, device=self.lm.device)
-        return TaskSubsample("tasks", self.num_tasks, batch.task_ids, batch.task_sizes, batch.num_docs, self.lm.device)
+        whole = batch if batch.shard_of is None else batch.shard_of  # a shard samples its global batch's tasks
+        return TaskSubsample("tasks", self.num_tasks, whole.task_ids, whole.task_sizes, batch.num_docs, self.lm.device)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         tasks = self.tasks_plate(batch)
         factors = self.prior(self.lm.modules_spec, tasks)
-        row_tasks = tasks.row_tasks if isinstance(tasks, TaskSubsample) else batch.task_ids
+        if len(batch.task_ids) == 0:  # a process's empty share of a small global batch: prior terms only
+            return torch.zeros(0, device=self.lm.device)
+        row_tasks = batch.task_ids
+        if isinstance(tasks, TaskSubsample):
+            row_tasks = tasks.row_tasks if batch.shard_of is None else tasks.row_tasks[batch.shard_of.rows]
         with self.lm.adapters(factors, row_tasks):
             log_likelihood = self.lm.sequence_log_prob(batch.input_ids, batch.attention_mask)
-        with pyro.plate("docs", batch.num_docs, subsample=batch.doc_ids, device=self.lm.device):
+        with pyro.plate("docs", batch.num_docs, subsample=batch.doc_ids, device=self.lm.device), \
+                poutine.scale(scale=batch.likelihood_scale):
             pyro.factor("log_likelihood", log_likelihood)
         return log_likelihood
 

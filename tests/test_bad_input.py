@@ -32,6 +32,7 @@ from bora_pyro import (
     BoRAError, CheckpointError, ConfigError, DataError, DataWarning, FitError, FitInterrupted, ModelError,
     MultiTaskCorpus, MultiTaskLM, RunConfig, WriteError, fit, load_run, load_tokenizer,
 )
+from bora_pyro import distributed
 from bora_pyro.cli import main
 from bora_pyro.guides import map_guide
 from bora_pyro.models import BoRA, HierarchicalNormal
@@ -90,9 +91,11 @@ ERRORS: dict[str, tuple[str, str, str]] = {
                      "only --lr, --lr-per-tau, --device and --quiet may change"),
     "map-learned-tau": ("MAP (`--guide map`, `map_guide`) with a learned τ (`--tau-prior`)",
                         "every task collapses onto Θ", "mean-field"),
+    "torchrun-gpu": ("`--device cuda:N` under `torchrun` with several processes", "every process needs its own GPU",
+                     "pass --device cuda"),
     # faults
     "nan": ("the loss or its gradient becomes nan/inf", "became nan or inf at step", "lower the learning rate"),
-    "interrupted": ("Ctrl-C (SIGINT) during `fit`: exit code 130", "interrupted after step",
+    "interrupted": ("Ctrl-C (SIGINT) or SIGTERM during `fit`: exit code 130", "interrupted after step",
                     "continue with bora-pyro fit --resume"),
     "write": ("disk full or read-only folder during a save", "cannot write",
               "its previous version is intact: free disk space or make the folder writable"),
@@ -704,6 +707,13 @@ def test_generate_from_the_global_adapter_of_a_prior_without_one(gpt2_dir, data,
     out = tmp_path / "independent"
     assert main(fit_args(gpt2_dir, data, out, 2, "--prior", "independent")) == 0
     cli_error(["generate", out, "--global", "--prompt", "w1"], capsys, "no-global-adapter")
+
+
+def test_one_gpu_for_every_process_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    api_error(ConfigError, "torchrun-gpu", distributed.init_from_env, "cuda:0")
+    assert distributed.world() == (0, 1)  # refused before joining any process group
 
 
 def test_every_api_error_is_a_bora_error():

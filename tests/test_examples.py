@@ -16,14 +16,20 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("base-models")
 
 
-def run_example(name: str, out: Path, cache_dir: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick", "--out", str(out),
+def run_example(name: str, out: Path, cache_dir: Path, launcher: tuple[str, ...] = ()) -> None:
+    subprocess.run([sys.executable, *launcher, str(ROOT / "examples" / name), "--quick", "--out", str(out),
                     "--cache-dir", str(cache_dir)], check=True, timeout=600, cwd=ROOT)
 
 
-def test_shakespeare_quick(tmp_path, cache_dir):
-    out = tmp_path / "results"
+@pytest.fixture(scope="module")
+def shakespeare_quick(tmp_path_factory, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("shakespeare") / "results"
     run_example("shakespeare_speakers.py", out, cache_dir)
+    return out
+
+
+def test_shakespeare_quick(shakespeare_quick):
+    out = shakespeare_quick
     results = json.loads((out / "results.json").read_text())
     assert [entry["tau"] for entry in results["sweep"]] == [0.0, 100.0, "inf"]
     assert len(results["tasks"]) == 25
@@ -35,6 +41,18 @@ def test_shakespeare_quick(tmp_path, cache_dir):
         p.name for p in out.iterdir()
     }
     assert "learned τ" in (out / "results.md").read_text()
+
+
+def test_shakespeare_quick_under_torchrun_matches_one_process(shakespeare_quick, cache_dir, tmp_path):
+    out = tmp_path / "results"
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    run_example("shakespeare_speakers.py", out, cache_dir, launcher=torchrun)
+    single = json.loads((shakespeare_quick / "results.json").read_text())["runs"]
+    parallel = json.loads((out / "results.json").read_text())["runs"]
+    assert [(run["tau"], run["guide"]) for run in parallel] == [(run["tau"], run["guide"]) for run in single]
+    for one, two in zip(single, parallel, strict=True):  # MAP, mean-field and learned τ alike
+        assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-4), (one["tau"], one["guide"])
+        assert two["tasks"].keys() == one["tasks"].keys()
 
 
 def test_posterior_predictive_quick(tmp_path, cache_dir):

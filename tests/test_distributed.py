@@ -1,0 +1,68 @@
+"""Data-parallel SVI: 2 CPU processes (gloo, started with torchrun) against one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from bora_pyro.cli import main
+from bora_pyro.run import GUIDE_FILE, METRICS_FILE, load_checkpoint
+from distributed_worker import GUIDES, fit_guide
+
+WORKER = str(Path(__file__).with_name("distributed_worker.py"))
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 distributed_worker.py ARGS``, at most 4 minutes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
+    assert first.keys() == second.keys()
+    return max(float((first[name] - second[name]).abs().max()) for name in first)
+
+
+def test_two_processes_end_with_the_parameters_of_one(gpt2_dir, tmp_path):
+    # 7 steps of global batches of 7 (4 + 3 rows per process; one batch of 1 leaves process 1
+    # without rows), validation every 3 steps split across the processes
+    finished = torchrun("api", gpt2_dir, str(tmp_path))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for guide_name in GUIDES:
+        state, history = fit_guide(gpt2_dir, guide_name)
+        ranks = [torch.load(tmp_path / f"{guide_name}-rank{rank}.pt") for rank in (0, 1)]
+        assert max_difference(ranks[0]["state"], ranks[1]["state"]) == 0.0, guide_name  # one update, applied alike
+        assert max_difference(ranks[0]["state"], state) <= 1e-5, guide_name
+        assert max(float(v.abs().max()) for v in state.values()) > 0.01  # the fit moved the parameters
+        assert [entry["step"] for entry in ranks[0]["history"]] == [entry["step"] for entry in history] == [3, 6, 7]
+        for parallel, single in zip(ranks[0]["history"], history, strict=True):
+            for key in ("elbo", "train_perplexity", "validation_perplexity"):
+                assert parallel[key] == pytest.approx(single[key], rel=1e-5), (guide_name, key)
+
+
+def test_fit_under_torchrun_writes_on_rank_0_stops_on_sigterm_and_resumes(gpt2_dir, synthetic_jsonl, tmp_path):
+    run_dir, single_dir = tmp_path / "run", tmp_path / "single"
+    args = ["--model", gpt2_dir, "--data", synthetic_jsonl, "--steps", "6", "--eval-every", "2", "--batch-size", "7",
+            "--rank", "2", "--lr", "0.05", "--max-length", "32", "--task-field", "speaker", "--text-field", "line", "--quiet"]
+    # process 1 gets a SIGTERM at the check of step 2: both finish step 3, rank 0 checkpoints it, both stop
+    stopped = torchrun("cli", str(tmp_path), "--stop-rank", "1", "--", *args, "--out", str(run_dir))
+    assert stopped.returncode != 0
+    assert "interrupted after step 3" in stopped.stderr, stopped.stderr[-3000:]
+    assert load_checkpoint(run_dir).step == 3
+    assert not (run_dir / GUIDE_FILE).exists()
+
+    resumed = torchrun("cli", str(tmp_path), "--", "--resume", str(run_dir), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "writes-rank0.txt").read_text().count(str(run_dir)) >= 3  # config, checkpoints, guide
+    assert (tmp_path / "writes-rank1.txt").read_text() == ""
+
+    assert main(["fit", *args, "--out", str(single_dir)]) == 0
+    parallel = safetensors.torch.load_file(run_dir / GUIDE_FILE)
+    assert max_difference(parallel, safetensors.torch.load_file(single_dir / GUIDE_FILE)) <= 1e-5
+    metrics = (run_dir / METRICS_FILE).read_text()
+    assert '"steps": 6' in metrics and '"best_step"' in metrics
