@@ -185,10 +185,10 @@ def run_fit(args: argparse.Namespace) -> dict:
         run_dir = args.out
         check_new_run_dir(run_dir)
     config.validate()
-    config.device = distributed.init_from_env(config.device)  # under torchrun: join the others
+    device = distributed.init_from_env(config.device)  # under torchrun: join the others (cuda → cuda:LOCAL_RANK)
     main_process = distributed.is_main()  # the one that writes the run directory
-    resume = load_checkpoint(run_dir, device=config.device) if args.resume else None
-    lm, tokenizer = build_lm(config)
+    resume = load_checkpoint(run_dir, device=device) if args.resume else None
+    lm, tokenizer = build_lm(config, device)
     check_base_model(config, lm)
     corpus = load_corpus(config, tokenizer)
     config.task_names = corpus.task_names

@@ -4,12 +4,14 @@ Every process (rank) holds the frozen LM and the whole guide, draws the same glo
 same order and the same noise (same seeds), and scores only its own rows of each batch
 (:meth:`Batch.shard <bora_pyro.data.Batch.shard>`). Every rank samples and scores the global
 batch's tasks with the same weights (``BoRA.tasks_plate``) and its rows' likelihood with weight
-``num_shards · N / B``, so the ranks' average ELBO, and its gradient, is the single-process ELBO of
-the global batch: ``fit`` averages the gradients with one ``all_reduce`` per step.
+``num_shards · N / B`` (B: the global batch), so the ranks' average ELBO, and its gradient, is the
+single-process ELBO of the global batch: ``fit`` averages the gradients with one ``all_reduce``
+per step.
 
 Not ``DistributedDataParallel``: the guide's per-task parameters get gradients only for the global
-batch's tasks (the same ones on every rank), and DDP would all-reduce every task's gradient each
-step and hand Adam zero gradients for the absent tasks, moving them by their momentum.
+batch's tasks (the same ones on every rank), so one ``all_reduce`` of Θ's and those ≤ B tasks'
+gradients is the whole exchange; DDP's buckets would carry every task's gradient (zeros for the
+absent ones) every step, traffic that grows with D.
 
 Outside ``torchrun`` (or with one process) every function here is the identity.
 """

@@ -138,8 +138,9 @@ def make_guide(config: RunConfig, model: BoRA):
     return mean_field_guide(model, init_scale=config.init_scale, seed=config.seed)
 
 
-def build_lm(config: RunConfig) -> tuple[MultiTaskLM, object]:
-    """The wrapped LM on ``config.device`` (base weights in ``config.base_dtype``) and its tokenizer."""
+def build_lm(config: RunConfig, device: str | None = None) -> tuple[MultiTaskLM, object]:
+    """The wrapped LM on ``device`` (default ``config.device``; base weights in ``config.base_dtype``)
+    and its tokenizer."""
     lm = MultiTaskLM.from_pretrained(
         config.model, dtype=BASE_DTYPES[config.base_dtype], rank=config.rank, alpha=config.alpha,
         target_modules=config.target_modules,
@@ -149,7 +150,7 @@ def build_lm(config: RunConfig) -> tuple[MultiTaskLM, object]:
     lm.check_max_length(config.max_length)
     tokenizer = load_tokenizer(config.model)
     check_vocabulary(lm.model, tokenizer)
-    return lm.to(config.device), tokenizer
+    return lm.to(device or config.device), tokenizer
 
 
 def load_corpus(config: RunConfig, tokenizer, data: str | None = None) -> MultiTaskCorpus:

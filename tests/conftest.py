@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pyro
@@ -109,3 +110,9 @@ def per_module_values(values: dict, modules) -> dict:
             for module, (A, B) in FactorLayout(modules).unpack(value).items():
                 result[f"{level}.{module}.lora_A{suffix}"], result[f"{level}.{module}.lora_B{suffix}"] = A, B
     return result
+
+
+def loopback_env() -> dict[str, str]:
+    """The environment for a torchrun of this machine's processes: gloo on the loopback interface
+    (a host whose name resolves to an outside address would otherwise be tried)."""
+    return {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}

@@ -12,6 +12,7 @@ import torch
 
 from bora_pyro.cli import main
 from bora_pyro.run import GUIDE_FILE, METRICS_FILE, load_checkpoint
+from conftest import loopback_env
 from distributed_worker import GUIDES, fit_guide
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
@@ -20,7 +21,7 @@ WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 distributed_worker.py ARGS``, at most 4 minutes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=loopback_env())
 
 
 def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import loopback_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,7 +20,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def run_example(name: str, out: Path, cache_dir: Path, launcher: tuple[str, ...] = ()) -> None:
     subprocess.run([sys.executable, *launcher, str(ROOT / "examples" / name), "--quick", "--out", str(out),
-                    "--cache-dir", str(cache_dir)], check=True, timeout=600, cwd=ROOT)
+                    "--cache-dir", str(cache_dir)], check=True, timeout=600, cwd=ROOT, env=loopback_env())
 
 
 @pytest.fixture(scope="module")
