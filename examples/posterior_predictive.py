@@ -1,6 +1,6 @@
 """Posterior predictive analysis of BoRA on the Shakespeare speakers.
 
-    python examples/posterior_predictive.py            # ≈ 20 min on 2 CPU cores (base model cached)
+    python examples/posterior_predictive.py            # ≈ 10 min on 2 CPU cores (base model cached)
     python examples/posterior_predictive.py --quick    # ≈ 1 min: tiny base, few steps and samples
 
 1. The speakers, split and base model of ``shakespeare_speakers.py`` (pretrained once, cached).
