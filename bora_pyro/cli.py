@@ -93,8 +93,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass (CUDA)")
     parser.add_argument("--base-dtype", choices=tuple(BASE_DTYPES), default=defaults.base_dtype,
-                        help="dtype of the frozen base model's weights (bfloat16 halves a big base's memory); "
-                             "adapters and guide stay float32")
+                        help="dtype of the frozen base model's weights (auto: as saved; bfloat16 halves a float32 "
+                             "base's memory); adapters and guide stay float32")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each block's activations in the backward pass instead of keeping them")
     parser.add_argument("--out", help="run directory to write (checkpointed at every validation check)")

@@ -60,7 +60,7 @@ class Batch:
         num_docs: number of documents in the split (the ``docs`` plate's size).
         task_sizes: [batch] long, the split's number of documents of each row's task; with it
             the model samples only the batch's tasks (``BoRA.tasks_plate``), without it all.
-        shard: set when these rows are one process's share of a global batch (:meth:`shard`).
+        shard_of: set when these rows are one process's share of a global batch (:meth:`shard`).
     """
 
     input_ids: torch.Tensor

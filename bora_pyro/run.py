@@ -31,7 +31,8 @@ from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperpri
 CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 PRIORS = ("hierarchical", "independent", "joint")
-BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--base-dtype`` → the dtype the frozen base is loaded in (auto: as saved, transformers' default)
+BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GUIDES = ("map", "mean-field", "hybrid")
 
 
@@ -69,7 +70,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False
-    base_dtype: str = "float32"  # the frozen base's weights; adapters and guide stay float32
+    base_dtype: str = "auto"  # the frozen base's weights; adapters and guide stay float32
     gradient_checkpointing: bool = False
     task_names: list[str] = field(default_factory=list)
     base_fingerprint: str | None = None
