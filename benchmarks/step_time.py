@@ -17,13 +17,15 @@ from mixed tasks, fp32:
   of :class:`~bora_pyro.models.BoRA` with ``HierarchicalNormal(100)``, ``map_guide`` /
   ``mean_field_guide``, Adam as ``fit`` makes it, inside ``fit``'s ``reuse_large_blocks``).
 
-The machine's speed drifts by 20 % over minutes, so times are measured side by side: each
-variant runs in one process with a peft model, their steps interleaved on the same random
-mixed-task batches (2 warm-up rounds, then the timed ones); ``median_ms`` is the variant's
-median step time and ``ratio_to_peft`` its ratio to the median of the peft steps beside it. The
-peft row's ``median_ms`` is the median over those processes. Peak RSS is measured apart, one
-variant alone per process: bora-pyro's variants first run ⌈D / 8⌉ steps whose batches cover
-every task, so that every task has its optimizer state (the steady state), then 2 more.
+Every multi-task variant (paper-loop, map, mean-field) first runs ⌈D / 8⌉ steps whose batches
+cover every task, so that every task has its optimizer state: the steady state is measured
+(otherwise at D = 100 most tasks of the timed batches would be new, and their Adam state's
+creation would be timed too). The machine's speed drifts by 20 % over minutes, so times are
+measured side by side: each variant runs in one process with a peft model, their steps
+interleaved on the same random mixed-task batches (2 warm-up rounds, then the timed ones);
+``median_ms`` is the variant's median step time and ``ratio_to_peft`` its ratio to the median
+of the peft steps beside it. The peft row's ``median_ms`` is the median over those processes.
+Peak RSS is measured apart, one variant alone per process, after the covering steps and 2 more.
 
 Also printed: the floats per adapter parameter of mean-field at the largest D (peak RSS over
 peft's, per adapter parameter of all tasks), and the predictive throughput: S posterior draws of
@@ -133,7 +135,7 @@ def paper_loop_step(shape: dict, num_tasks: int):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return step, []
+    return step, covering_batches(shape, num_tasks, torch.Generator().manual_seed(2))
 
 
 def bora_step(shape: dict, num_tasks: int, guide_kind: str):
@@ -181,10 +183,16 @@ def measure_memory(variant: str, num_tasks: int, shape: dict) -> dict:
 
 def measure_time(variant: str, num_tasks: int, shape: dict) -> dict:
     """Median step times of ``variant`` and of peft, their steps interleaved in one process (the
-    machine's drift then hits both alike), on the same random batches."""
+    machine's drift then hits both alike), on the same random batches, after the variant's
+    covering steps (as in :func:`measure_memory`: Adam's state of a task is created the first time
+    the task is in a batch, and at D = 100 most tasks of the timed batches would be new)."""
     import torch
 
-    steps = {"peft": peft_step(shape, 1)[0], variant: MAKE_STEP[variant](shape, num_tasks)[0]}
+    step, cover = MAKE_STEP[variant](shape, num_tasks)
+    with allocator(variant):
+        for batch in cover:  # every task gets its optimizer state first: the steady state is timed
+            step(batch)
+    steps = {"peft": peft_step(shape, 1)[0], variant: step}
     generator = torch.Generator().manual_seed(3)
     times: dict[str, list[float]] = {"peft": [], variant: []}
     for round in range(WARMUP + shape["steps"]):
