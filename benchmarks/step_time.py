@@ -80,10 +80,14 @@ def random_batch(shape: dict, num_tasks: int, generator, task_ids=None):
                  torch.full((BATCH,), DOCS_PER_TASK))
 
 
-def covering_batches(shape: dict, num_tasks: int, generator):
-    """⌈D / 8⌉ batches whose rows go through every task once."""
+def covering_batches(variant: str, shape: dict, num_tasks: int):
+    """⌈D / 8⌉ batches whose rows go through every task once, run by a multi-task variant before
+    it is measured so that every task has its optimizer state (none for peft)."""
     import torch
 
+    if variant == "peft":
+        return []
+    generator = torch.Generator().manual_seed(2)
     tasks = torch.arange(math.ceil(num_tasks / BATCH) * BATCH) % num_tasks
     return [random_batch(shape, num_tasks, generator, tasks[i: i + BATCH]) for i in range(0, len(tasks), BATCH)]
 
@@ -108,7 +112,7 @@ def peft_step(shape: dict, num_tasks: int):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return step, []
+    return step
 
 
 def paper_loop_step(shape: dict, num_tasks: int):
@@ -135,7 +139,7 @@ def paper_loop_step(shape: dict, num_tasks: int):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return step, covering_batches(shape, num_tasks, torch.Generator().manual_seed(2))
+    return step
 
 
 def bora_step(shape: dict, num_tasks: int, guide_kind: str):
@@ -152,7 +156,7 @@ def bora_step(shape: dict, num_tasks: int, guide_kind: str):
     with torch.no_grad():
         guide(random_batch(shape, num_tasks, torch.Generator().manual_seed(1), torch.zeros(BATCH, dtype=torch.long)))
     svi_step = SVIStep(model, guide, make_optimizer("adam", [{"params": list(guide.parameters())}], 1e-4, 0.0))
-    return svi_step, covering_batches(shape, num_tasks, torch.Generator().manual_seed(2))
+    return svi_step
 
 
 MAKE_STEP = {"peft": peft_step, "paper-loop": paper_loop_step,
@@ -173,10 +177,11 @@ def measure_memory(variant: str, num_tasks: int, shape: dict) -> dict:
     """Peak RSS of ``variant`` alone, after its covering steps and warm-up (the steady state)."""
     import torch
 
-    step, cover = MAKE_STEP[variant](shape, num_tasks)
+    step = MAKE_STEP[variant](shape, num_tasks)
     generator = torch.Generator().manual_seed(3)
     with allocator(variant):
-        for batch in cover + [random_batch(shape, num_tasks, generator) for _ in range(WARMUP)]:
+        warmup = [random_batch(shape, num_tasks, generator) for _ in range(WARMUP)]
+        for batch in covering_batches(variant, shape, num_tasks) + warmup:
             step(batch)
     return {"peak_rss_mb": peak_rss_mb()}
 
@@ -188,11 +193,11 @@ def measure_time(variant: str, num_tasks: int, shape: dict) -> dict:
     the task is in a batch, and at D = 100 most tasks of the timed batches would be new)."""
     import torch
 
-    step, cover = MAKE_STEP[variant](shape, num_tasks)
+    step = MAKE_STEP[variant](shape, num_tasks)
     with allocator(variant):
-        for batch in cover:  # every task gets its optimizer state first: the steady state is timed
+        for batch in covering_batches(variant, shape, num_tasks):  # the steady state is timed
             step(batch)
-    steps = {"peft": peft_step(shape, 1)[0], variant: step}
+    steps = {"peft": peft_step(shape, 1), variant: step}
     generator = torch.Generator().manual_seed(3)
     times: dict[str, list[float]] = {"peft": [], variant: []}
     for round in range(WARMUP + shape["steps"]):
