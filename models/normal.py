@@ -19,13 +19,17 @@ import torch
 class SummedNormal(dist.Independent):
     """``Independent(Normal(loc, scale), n)`` with a fused log-density; build it with :func:`normal`."""
 
+    def event(self, shape: torch.Size) -> tuple[tuple[int, ...], int]:
+        """The event dims (the rightmost n) and the number of entries of one event of ``shape``."""
+        dims = tuple(range(-self.reinterpreted_batch_ndims, 0))
+        return dims, math.prod(shape[len(shape) - self.reinterpreted_batch_ndims:])
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        base, event_dims = self.base_dist, tuple(range(-self.reinterpreted_batch_ndims, 0))
-        loc, scale = base.loc, base.scale
+        loc, scale = self.base_dist.loc, self.base_dist.scale
         shape = torch.broadcast_shapes(value.shape, loc.shape, scale.shape)
-        size = math.prod(shape[len(shape) - self.reinterpreted_batch_ndims:])
+        event_dims, size = self.event(shape)
         if all(stride == 0 for stride in scale.stride()):  # one σ broadcast everywhere (the prior's τ^{-1/2})
             sigma = scale[(0,) * scale.dim()]
             squares = torch.linalg.vector_norm(value - loc, dim=event_dims) ** 2 / sigma**2
@@ -59,9 +63,8 @@ class DrawnNormal(SummedNormal):
         draw = getattr(self, "_draw", None)
         if draw is None or value is not draw[0]:
             return super().log_prob(value)
-        event_dims = tuple(range(-self.reinterpreted_batch_ndims, 0))
         noise, scale = draw[1], self.base_dist.scale
-        size = math.prod(noise.shape[noise.dim() - self.reinterpreted_batch_ndims:])
+        event_dims, size = self.event(noise.shape)
         return (-scale.log().sum(event_dims) - 0.5 * torch.linalg.vector_norm(noise, dim=event_dims) ** 2
                 - size * 0.5 * math.log(2 * math.pi))
 
