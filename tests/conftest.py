@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 
 import pyro
 import pytest
@@ -110,6 +111,11 @@ def per_module_values(values: dict, modules) -> dict:
             for module, (A, B) in FactorLayout(modules).unpack(value).items():
                 result[f"{level}.{module}.lora_A{suffix}"], result[f"{level}.{module}.lora_B{suffix}"] = A, B
     return result
+
+
+def torchrun(*args: str) -> list[str]:
+    """The command ``torchrun --nproc-per-node 2 ARGS`` (2 processes of this machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
 
 
 def loopback_env() -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,15 @@ import torch
 
 from bora_pyro.cli import main
 from bora_pyro.run import GUIDE_FILE, METRICS_FILE, load_checkpoint
-from conftest import loopback_env
+from conftest import loopback_env, torchrun
 from distributed_worker import GUIDES, fit_guide
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def run_workers(*args: str) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 distributed_worker.py ARGS``, at most 4 minutes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=loopback_env())
+    return subprocess.run(torchrun(WORKER, *args), capture_output=True, text=True, timeout=240, env=loopback_env())
 
 
 def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
@@ -32,7 +30,7 @@ def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tenso
 def test_two_processes_end_with_the_parameters_of_one(gpt2_dir, tmp_path):
     # 7 steps of global batches of 7 (4 + 3 rows per process; one batch of 1 leaves process 1
     # without rows), validation every 3 steps split across the processes
-    finished = torchrun("api", gpt2_dir, str(tmp_path))
+    finished = run_workers("api", gpt2_dir, str(tmp_path))
     assert finished.returncode == 0, finished.stderr[-3000:]
     for guide_name in GUIDES:
         state, history = fit_guide(gpt2_dir, guide_name)
@@ -51,13 +49,13 @@ def test_fit_under_torchrun_writes_on_rank_0_stops_on_sigterm_and_resumes(gpt2_d
     args = ["--model", gpt2_dir, "--data", synthetic_jsonl, "--steps", "6", "--eval-every", "2", "--batch-size", "7",
             "--rank", "2", "--lr", "0.05", "--max-length", "32", "--task-field", "speaker", "--text-field", "line", "--quiet"]
     # process 1 gets a SIGTERM at the check of step 2: both finish step 3, rank 0 checkpoints it, both stop
-    stopped = torchrun("cli", str(tmp_path), "--stop-rank", "1", "--", *args, "--out", str(run_dir))
+    stopped = run_workers("cli", str(tmp_path), "--stop-rank", "1", "--", *args, "--out", str(run_dir))
     assert stopped.returncode != 0
     assert "interrupted after step 3" in stopped.stderr, stopped.stderr[-3000:]
     assert load_checkpoint(run_dir).step == 3
     assert not (run_dir / GUIDE_FILE).exists()
 
-    resumed = torchrun("cli", str(tmp_path), "--", "--resume", str(run_dir), "--quiet")
+    resumed = run_workers("cli", str(tmp_path), "--", "--resume", str(run_dir), "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "writes-rank0.txt").read_text().count(str(run_dir)) >= 3  # config, checkpoints, guide
     assert (tmp_path / "writes-rank1.txt").read_text() == ""

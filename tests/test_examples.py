@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import loopback_env
+from conftest import loopback_env, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,9 +18,10 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("base-models")
 
 
-def run_example(name: str, out: Path, cache_dir: Path, launcher: tuple[str, ...] = ()) -> None:
-    subprocess.run([sys.executable, *launcher, str(ROOT / "examples" / name), "--quick", "--out", str(out),
-                    "--cache-dir", str(cache_dir)], check=True, timeout=600, cwd=ROOT, env=loopback_env())
+def run_example(name: str, out: Path, cache_dir: Path, two_processes: bool = False) -> None:
+    command = [str(ROOT / "examples" / name), "--quick", "--out", str(out), "--cache-dir", str(cache_dir)]
+    command = torchrun(*command) if two_processes else [sys.executable, *command]
+    subprocess.run(command, check=True, timeout=600, cwd=ROOT, env=loopback_env())
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,7 @@ def test_shakespeare_quick(shakespeare_quick):
 
 def test_shakespeare_quick_under_torchrun_matches_one_process(shakespeare_quick, cache_dir, tmp_path):
     out = tmp_path / "results"
-    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-    run_example("shakespeare_speakers.py", out, cache_dir, launcher=torchrun)
+    run_example("shakespeare_speakers.py", out, cache_dir, two_processes=True)
     single = json.loads((shakespeare_quick / "results.json").read_text())["runs"]
     parallel = json.loads((out / "results.json").read_text())["runs"]
     assert [(run["tau"], run["guide"]) for run in parallel] == [(run["tau"], run["guide"]) for run in single]
