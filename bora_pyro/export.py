@@ -167,8 +167,8 @@ def export_peft_all(run: Run, out_dir: str | Path) -> Path:
     try:
         global_adapter = row_adapter(global_factors(run.model, values), 0)
     except ConfigError:  # a prior without global factors
-        global_adapter = None
-    if global_adapter is not None:
+        pass
+    else:
         write_peft_adapter(run, global_adapter, out_dir / "global")
         index["global"] = "global"
     write_json(out_dir / INDEX_FILE, index)
