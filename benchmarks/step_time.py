@@ -1,6 +1,6 @@
 """Time and peak memory of one training step: BoRA against plain LoRA, for D = 1, 25, 100 tasks.
 
-    python benchmarks/step_time.py                     # GPT-2-small shape, ≈ 13 min on 2 CPU cores
+    python benchmarks/step_time.py                     # GPT-2-small shape, ≈ 10 min on 2 CPU cores
     python benchmarks/step_time.py --quick             # a small shape, ≈ 1 min
     python benchmarks/step_time.py --json steps.json   # also write the table as JSON
 
@@ -25,7 +25,8 @@ measured side by side: each variant runs in one process with a peft model, their
 interleaved on the same random mixed-task batches (2 warm-up rounds, then the timed ones);
 ``median_ms`` is the variant's median step time and ``ratio_to_peft`` its ratio to the median
 of the peft steps beside it. The peft row's ``median_ms`` is the median over those processes.
-Peak RSS is measured apart, one variant alone per process, after the covering steps and 2 more.
+Peak RSS is the variant's own: read in its process after the covering steps and 2 more, before
+the peft model it is timed beside is built (peft's own in a process of its own).
 
 Also printed: the floats per adapter parameter of mean-field at the largest D (peak RSS over
 peft's, per adapter parameter of all tasks), and the predictive throughput: S posterior draws of
@@ -173,8 +174,10 @@ def allocator(variant: str):
     return reuse_large_blocks(torch.device("cpu")) if variant in ("map", "mean-field") else contextlib.nullcontext()
 
 
-def measure_memory(variant: str, num_tasks: int, shape: dict) -> dict:
-    """Peak RSS of ``variant`` alone, after its covering steps and warm-up (the steady state)."""
+def steady_step(variant: str, num_tasks: int, shape: dict):
+    """The step of ``variant`` after its covering steps and 2 more (Adam's state of a task is
+    created the first time the task is in a batch: at D = 100 most tasks of the timed batches
+    would be new), and the peak RSS of the process then."""
     import torch
 
     step = MAKE_STEP[variant](shape, num_tasks)
@@ -183,20 +186,21 @@ def measure_memory(variant: str, num_tasks: int, shape: dict) -> dict:
         warmup = [random_batch(shape, num_tasks, generator) for _ in range(WARMUP)]
         for batch in covering_batches(variant, shape, num_tasks) + warmup:
             step(batch)
-    return {"peak_rss_mb": peak_rss_mb()}
+    return step, {"peak_rss_mb": peak_rss_mb()}
+
+
+def measure_memory(variant: str, num_tasks: int, shape: dict) -> dict:
+    """Peak RSS of ``variant`` alone in its steady state."""
+    return steady_step(variant, num_tasks, shape)[1]
 
 
 def measure_time(variant: str, num_tasks: int, shape: dict) -> dict:
-    """Median step times of ``variant`` and of peft, their steps interleaved in one process (the
-    machine's drift then hits both alike), on the same random batches, after the variant's
-    covering steps (as in :func:`measure_memory`: Adam's state of a task is created the first time
-    the task is in a batch, and at D = 100 most tasks of the timed batches would be new)."""
+    """Peak RSS of ``variant`` alone in its steady state, then the median step times of
+    ``variant`` and of peft, their steps interleaved in one process (the machine's drift then
+    hits both alike), on the same random batches."""
     import torch
 
-    step = MAKE_STEP[variant](shape, num_tasks)
-    with allocator(variant):
-        for batch in covering_batches(variant, shape, num_tasks):  # the steady state is timed
-            step(batch)
+    step, memory = steady_step(variant, num_tasks, shape)
     steps = {"peft": peft_step(shape, 1), variant: step}
     generator = torch.Generator().manual_seed(3)
     times: dict[str, list[float]] = {"peft": [], variant: []}
@@ -209,7 +213,7 @@ def measure_time(variant: str, num_tasks: int, shape: dict) -> dict:
                 elapsed = 1000 * (time.perf_counter() - started)
             if round >= WARMUP:
                 times[name].append(elapsed)
-    return {"median_ms": statistics.median(times[variant]), "peft_ms": statistics.median(times["peft"])}
+    return memory | {"median_ms": statistics.median(times[variant]), "peft_ms": statistics.median(times["peft"])}
 
 
 def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
@@ -274,9 +278,8 @@ def main() -> None:
         row["ratio_to_peft"] = row["median_ms"] / row.pop("peft_ms")
     peft = {"variant": "peft", "D": 1, "median_ms": statistics.median(row["median_ms"] / row["ratio_to_peft"]
                                                                       for row in rows), "ratio_to_peft": 1.0}
+    peft.update(child(args, "memory", "peft", "1"))
     rows.insert(0, peft)
-    for row in rows:
-        row.update(child(args, "memory", row["variant"], str(row["D"])))
     print(f"{'variant':<11} {'D':>4} {'step ms':>9} {'× peft':>7} {'peak RSS MB':>12}")
     for row in rows:
         print(f"{row['variant']:<11} {row['D']:>4} {row['median_ms']:>9.0f} {row['ratio_to_peft']:>7.2f} "

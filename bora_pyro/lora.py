@@ -92,13 +92,17 @@ class MultiTaskLoRA(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
         if A.shape[0] == 1:  # one adapter for every row: plain matmuls, as peft
-            update = x @ A[0].T @ B[0].T
+            down, B = (x.reshape(-1, x.shape[-1]) @ A[0].T).unsqueeze(0), B[0].unsqueeze(0)  # [1, batch · tokens, r]
         else:
             if self.row_tasks is not None:
-                A, B = A[self.row_tasks], B[self.row_tasks]  # [batch, r, in], [batch, out, r]
-            flat = x.reshape(A.shape[0], -1, x.shape[-1])  # [batch, tokens, in]
-            update = flat @ A.transpose(1, 2) @ B.transpose(1, 2)  # [batch, tokens, out]
-        return result + (self.scaling * update).reshape(result.shape).to(result.dtype)
+                # index_select, not A[row_tasks]: its backward (index_add_) is ~5x faster on the CPU
+                A, B = A.index_select(0, self.row_tasks), B.index_select(0, self.row_tasks)  # [batch, r, in], [batch, out, r]
+            down = x.reshape(A.shape[0], -1, x.shape[-1]) @ A.transpose(1, 2)  # [batch, tokens, r]
+        if down.dtype != result.dtype:  # a low-precision base without autocast: the update in the adapters' dtype
+            return result + (self.scaling * (down @ B.transpose(1, 2))).reshape(result.shape).to(result.dtype)
+        # result + scaling · down Bᵀ in one call: no separate pass to scale the update and to add it
+        return torch.baddbmm(result.reshape(down.shape[0], -1, result.shape[-1]), down, B.transpose(1, 2),
+                             alpha=self.scaling).view(result.shape)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"

@@ -302,7 +302,8 @@ def load_guide_state(guide, state: dict[str, torch.Tensor], path: Path) -> None:
         guide.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not match the run's config.json ({first_line(error).rstrip(':')}); "
-                              "the run directory mixes files of different runs: restore this run's own file") from None
+                              "the run directory mixes files of different runs, or an older bora-pyro wrote it: restore this "
+                              "run's own file, or fit the run again") from None
 
 
 def read_tensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

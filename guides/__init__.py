@@ -139,7 +139,7 @@ def hybrid_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoGuideLis
 
 def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
     """The guide's parameters as two torch optimizer groups: the locations of the factor sites at
-    ``lr``; the rest at ``log_scale_lr``: the variational scales (stored as softplus⁻¹ σ ≈ log σ)
+    ``lr``; the rest at ``log_scale_lr``: the variational scales (stored as log σ)
     and every parameter of a hyperparameter site (a latent τ: the loc and scale of log τ).
 
     Adam moves a parameter by about lr per step. 1e-3 suits LoRA factors, but a log-scale
@@ -150,7 +150,7 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
     locations, log_scales = [], []
     for name, parameter in guide.named_parameters():
         is_location = (is_factor_site(unmangled(name).removesuffix("_unconstrained"))
-                       and re.search(r"(^|\.)(task_)?scales\.", name) is None)
+                       and re.search(r"(^|\.)(task_)?log_scales\.", name) is None)
         (locations if is_location else log_scales).append(parameter)
     return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]
 

@@ -10,14 +10,16 @@ the same whatever D. This is "lazy" Adam: a task's moments advance only in the s
 
 Everything else is as in Pyro's guides: the same sites, distributions, ``median()`` and
 ``quantiles()`` (over all D tasks); sites outside the tasks plate keep Pyro's parameters. Two
-costs are cut on the way, as the sites are big ([K, P] floats): the Normal's log-density at its
-own draw comes from the draw's noise (:class:`~bora_pyro.models.normal.DrawnNormal`), and a point mass whose log-density is 0 (every
-``Delta`` of the MAP guide, and of the mean-field guide on unconstrained sites) is masked out
-of the ELBO instead of being evaluated as ``log(value == value)``.
+costs are cut on the way, as the sites are big ([K, P] floats): the mean-field guide draws and
+scores each task's row in one pass from its leaves (:class:`~bora_pyro.models.normal.DrawnRows`:
+the log-density at the draw comes from the draw's noise), and a point mass whose log-density is
+0 (every ``Delta`` of the MAP guide, and of the mean-field guide on unconstrained sites) is
+masked out of the ELBO instead of being evaluated as ``log(value == value)``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -36,7 +38,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from bora_pyro.models.normal import normal
+from bora_pyro.models.normal import DrawnRows
 
 TASKS = "tasks"
 
@@ -56,11 +58,13 @@ class TaskRows(nn.Module):
         self.rows = nn.ParameterList(
             [nn.Parameter(init.select(dim, d % init.shape[dim]).detach().clone()) for d in range(num_tasks)])
 
-    def forward(self, tasks: Sequence[int] | None = None, transform=None) -> torch.Tensor:
-        """The rows of ``tasks`` (all D when None), each through ``transform`` if given (row by
-        row: no second [..., K, ...] tensor), stacked along ``dim``: [..., K, ...]."""
-        rows = list(self.rows) if tasks is None else [self.rows[d] for d in tasks]
-        return torch.stack(rows if transform is None else [transform(row) for row in rows], self.dim)
+    def select(self, tasks: Sequence[int] | None = None) -> list[nn.Parameter]:
+        """The leaves of ``tasks`` (all D when None), in that order."""
+        return list(self.rows) if tasks is None else [self.rows[d] for d in tasks]
+
+    def forward(self, tasks: Sequence[int] | None = None) -> torch.Tensor:
+        """The rows of ``tasks`` (all D when None) stacked along ``dim``: [..., K, ...]."""
+        return torch.stack(self.select(tasks), self.dim)
 
 
 def task_rows(site: dict, init: torch.Tensor, event_dim: int) -> TaskRows | None:
@@ -121,31 +125,45 @@ class TaskwiseMixin:
 
 
 class TaskwiseNormal(TaskwiseMixin, AutoNormal):
-    """:class:`~pyro.infer.autoguide.AutoNormal` with one leaf ``loc`` and ``scale`` per task for
-    the sites of the tasks plate (``task_locs`` / ``task_scales``). Same arguments."""
+    """:class:`~pyro.infer.autoguide.AutoNormal` with one leaf ``loc`` and ``log_scale`` per task
+    for the sites of the tasks plate (``task_locs`` / ``task_log_scales``). Same arguments.
+
+    The scales are kept as log σ (``log_scales`` / ``task_log_scales``), not as Pyro's
+    softplus⁻¹ σ: log q then needs Σ log σ, a sum of the parameters, where softplus takes two
+    transcendental passes over every [K, P] site (softplus, then log). For the small scales of
+    LoRA factors the two hardly differ: softplus⁻¹ σ = log σ + σ/2 + O(σ²).
+    """
 
     def _setup_prototype(self, *args, **kwargs):
         AutoGuide._setup_prototype(self, *args, **kwargs)
         self._event_dims = {}
-        self.locs, self.scales = PyroModule(), PyroModule()
-        self.task_locs, self.task_scales = nn.ModuleDict(), nn.ModuleDict()
+        self.locs, self.log_scales = PyroModule(), PyroModule()
+        self.task_locs, self.task_log_scales = nn.ModuleDict(), nn.ModuleDict()
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             with helpful_support_errors(site):
                 init_loc = biject_to(site["fn"].support).inv(site["value"].detach()).detach()
             event_dim = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
             self._event_dims[name] = event_dim
-            init_scale = torch.full_like(init_loc, self._init_scale)
+            init_log_scale = torch.full_like(init_loc, math.log(self._init_scale))
             locs = task_rows(site, init_loc, event_dim)
             if locs is None:
                 deep_setattr(self.locs, name, PyroParam(init_loc, constraints.real, event_dim))
-                deep_setattr(self.scales, name, PyroParam(init_scale, self.scale_constraint, event_dim))
+                deep_setattr(self.log_scales, name, PyroParam(init_log_scale, constraints.real, event_dim))
             else:
                 self.task_locs[rows_key(name)] = locs
-                unconstrained_scale = biject_to(self.scale_constraint).inv(init_scale)
-                self.task_scales[rows_key(name)] = task_rows(site, unconstrained_scale, event_dim)
+                self.task_log_scales[rows_key(name)] = task_rows(site, init_log_scale, event_dim)
+
+    def _rows(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor], int | None]:
+        """The locs and log-scales of site ``name`` as rows (the batch's tasks during a run, all D
+        outside one) and their dim; one unstacked row (dim None) for a site outside the tasks plate."""
+        key = rows_key(name)
+        if key not in self.task_locs:
+            return [attrgetter(name)(self.locs)], [attrgetter(name)(self.log_scales)], None
+        tasks = self._batch_tasks
+        return self.task_locs[key].select(tasks), self.task_log_scales[key].select(tasks), self.task_locs[key].dim
 
     def _sample(self, *args, **kwargs) -> dict:
-        """AutoNormal's forward, with the fused Normal and no log-density pass for identity transforms."""
+        """AutoNormal's forward, with the fused draw and no log-density pass for identity transforms."""
         plates = self._create_plates(*args, **kwargs)
         result = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -154,8 +172,7 @@ class TaskwiseNormal(TaskwiseMixin, AutoNormal):
                 for frame in site["cond_indep_stack"]:
                     if frame.vectorized:
                         stack.enter_context(plates[frame.name])
-                site_loc, site_scale = self._get_loc_and_scale(name)
-                unconstrained = pyro.sample(f"{name}_unconstrained", normal(site_loc, site_scale, self._event_dims[name], drawn=True),
+                unconstrained = pyro.sample(f"{name}_unconstrained", DrawnRows(*self._rows(name), self._event_dims[name]),
                                             infer={"is_auxiliary": True})
                 if is_identity(transform):
                     point = dist.Delta(unconstrained, event_dim=site["fn"].event_dim).mask(False)
@@ -168,12 +185,9 @@ class TaskwiseNormal(TaskwiseMixin, AutoNormal):
                 result[name] = pyro.sample(name, point)
         return result
 
-    def _get_loc_and_scale(self, name):
-        key = rows_key(name)
-        if key not in self.task_locs:
-            return super()._get_loc_and_scale(name)
-        tasks = self._batch_tasks
-        return self.task_locs[key](tasks), self.task_scales[key](tasks, biject_to(self.scale_constraint))
+    def _get_loc_and_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Site ``name``'s loc and σ, stacked (what Pyro's ``median()`` and ``quantiles()`` read)."""
+        return DrawnRows(*self._rows(name), self._event_dims[name]).stacked().compact
 
 
 class TaskwiseDelta(TaskwiseMixin, AutoDelta):

@@ -97,28 +97,27 @@ def test_mean_field_loss_and_gradients_match_the_written_out_terms(setup):
     def leaf(parameter):
         return parameter.detach().clone().requires_grad_()
 
-    softplus = torch.nn.functional.softplus
     glob_loc_parameter = guide.get_parameter("locs.global.lora_unconstrained")
-    glob_loc, glob_scale = leaf(glob_loc_parameter), leaf(guide.get_parameter("scales.global.lora_unconstrained"))
-    task_locs, task_scales = guide.task_locs["task/lora"].rows, guide.task_scales["task/lora"].rows
+    glob_loc, glob_log_scale = leaf(glob_loc_parameter), leaf(guide.get_parameter("log_scales.global.lora_unconstrained"))
+    task_locs, task_log_scales = guide.task_locs["task/lora"].rows, guide.task_log_scales["task/lora"].rows
     w = weights(corpus, batch)
-    locs, scales = {d: leaf(task_locs[d]) for d in w}, {d: leaf(task_scales[d]) for d in w}
-    # the guide's own noise ε = (value − loc) / scale, so the reference draws the same θ
-    glob_eps = (guide_trace.nodes["global.lora"]["value"] - glob_loc) / softplus(glob_scale)
+    locs, log_scales = {d: leaf(task_locs[d]) for d in w}, {d: leaf(task_log_scales[d]) for d in w}
+    # the guide's own noise ε = (value − loc) / σ, so the reference draws the same θ
+    glob_eps = (guide_trace.nodes["global.lora"]["value"] - glob_loc) / glob_log_scale.exp()
     task_eps = (guide_trace.nodes["task.lora"]["value"] - torch.stack([locs[d] for d in w])) \
-        / softplus(torch.stack([scales[d] for d in w]))
-    glob = glob_loc + softplus(glob_scale) * glob_eps.detach()
-    theta = {d: locs[d] + softplus(scales[d]) * task_eps[i].detach() for i, d in enumerate(w)}
+        / torch.stack([log_scales[d] for d in w]).exp()
+    glob = glob_loc + glob_log_scale.exp() * glob_eps.detach()
+    theta = {d: locs[d] + log_scales[d].exp() * task_eps[i].detach() for i, d in enumerate(w)}
     reference = -(len(corpus.train) / len(batch.doc_ids) * log_likelihood(lm, batch, theta)
                   + sum(w[d] * (Normal(glob, TAU**-0.5).log_prob(theta[d])
-                                - Normal(locs[d], softplus(scales[d])).log_prob(theta[d])).sum() for d in w)
-                  + (Normal(0.0, GLOBAL_SCALE).log_prob(glob) - Normal(glob_loc, softplus(glob_scale)).log_prob(glob)).sum())
+                                - Normal(locs[d], log_scales[d].exp()).log_prob(theta[d])).sum() for d in w)
+                  + (Normal(0.0, GLOBAL_SCALE).log_prob(glob) - Normal(glob_loc, glob_log_scale.exp()).log_prob(glob)).sum())
     reference.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(glob_loc_parameter.grad, glob_loc.grad, rtol=1e-4, atol=1e-3)
     for d in w:
         torch.testing.assert_close(task_locs[d].grad, locs[d].grad, rtol=1e-4, atol=1e-3)
-        torch.testing.assert_close(task_scales[d].grad, scales[d].grad, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(task_log_scales[d].grad, log_scales[d].grad, rtol=1e-4, atol=1e-3)
 
 
 def test_an_epoch_of_fast_steps_is_the_full_gradient_of_the_per_module_model(setup):

@@ -44,11 +44,11 @@ def fitted(gpt2_dir, corpus):
 
 
 def set_scales(guide, scale: float) -> None:
-    """Every variational standard deviation of a mean-field guide to ``scale`` (softplus-positive)."""
+    """Every variational standard deviation of a mean-field guide to ``scale`` (kept as log σ)."""
     with torch.no_grad():
         for name, parameter in guide.named_parameters():
-            if name.startswith(("scales.", "task_scales.")):
-                parameter.fill_(math.log(math.expm1(scale)))
+            if name.startswith(("log_scales.", "task_log_scales.")):
+                parameter.fill_(math.log(scale))
 
 
 def test_credible_intervals_shrink_with_the_guide_scale(fitted, corpus):

@@ -233,7 +233,7 @@ def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, 
     locations, log_scales = (group["params"] for group in param_groups(guide, 0.05, 0.1))
     assert all("lora" in names[id(p)] and "scales" not in names[id(p)] for p in locations)  # Θ's and the tasks' locs
     assert all("scales" in names[id(p)] or "tau" in names[id(p)] for p in log_scales)
-    assert {"tau_unconstrained", "task_scales"} <= {part for p in log_scales for part in names[id(p)].split(".")}
+    assert {"tau_unconstrained", "task_log_scales"} <= {part for p in log_scales for part in names[id(p)].split(".")}
     assert len(locations) + len(log_scales) == len(names)
     optimizer = torch.optim.Adam(param_groups(guide, 0.05, 0.1))
     for _ in range(3):
