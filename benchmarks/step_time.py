@@ -1,6 +1,6 @@
 """Time and peak memory of one training step: BoRA against plain LoRA, for D = 1, 25, 100 tasks.
 
-    python benchmarks/step_time.py                     # GPT-2-small shape, ≈ 10 min on 2 CPU cores
+    python benchmarks/step_time.py                     # GPT-2-small shape, ≈ 10–11 min on 2 CPU cores
     python benchmarks/step_time.py --quick             # a small shape, ≈ 1 min
     python benchmarks/step_time.py --json steps.json   # also write the table as JSON
 
