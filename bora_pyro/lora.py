@@ -92,7 +92,7 @@ class MultiTaskLoRA(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)
         if A.shape[0] == 1:  # one adapter for every row: plain matmuls, as peft
-            down, B = (x.reshape(-1, x.shape[-1]) @ A[0].T).unsqueeze(0), B[0].unsqueeze(0)  # [1, batch · tokens, r]
+            down = (x.reshape(-1, x.shape[-1]) @ A[0].T).unsqueeze(0)  # [1, batch · tokens, r]
         else:
             if self.row_tasks is not None:
                 # index_select, not A[row_tasks]: its backward (index_add_) is ~5x faster on the CPU

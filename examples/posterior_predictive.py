@@ -69,12 +69,12 @@ def fit_run(base_dir: Path, records: list[dict], max_length: int, args) -> Path:
     if (run_dir / "guide.safetensors").exists() and not args.refit:
         print(f"reusing the fitted run in {run_dir} (--refit to fit again)", flush=True)
         return run_dir
-    with distributed.main_first():  # the others wait until rank 0 has written the data
-        if distributed.is_main():
-            data.write_text("".join(json.dumps(record) + "\n" for record in records))
-            if run_dir.exists():
-                for path in run_dir.iterdir():
-                    path.unlink()
+    if distributed.is_main():
+        data.write_text("".join(json.dumps(record) + "\n" for record in records))
+        if run_dir.exists():
+            for path in run_dir.iterdir():
+                path.unlink()
+    distributed.barrier()  # the others wait until rank 0 has written the data
     flags = ["fit", "--model", str(base_dir), "--data", str(data), "--prior", "hierarchical",
              "--tau-prior", "lognormal:6.9,2", "--non-centered", "--guide", "hybrid", "--lr", "1e-3",
              "--log-scale-lr", "0.05", "--steps", str(args.steps), "--batch-size", "16", "--max-length", str(max_length),
