@@ -156,7 +156,7 @@ def bora_step(shape: dict, num_tasks: int, guide_kind: str):
     guide = (map_guide if guide_kind == "map" else mean_field_guide)(model)
     with torch.no_grad():
         guide(random_batch(shape, num_tasks, torch.Generator().manual_seed(1), torch.zeros(BATCH, dtype=torch.long)))
-    svi_step = SVIStep(model, guide, make_optimizer("adam", [{"params": list(guide.parameters())}], 1e-4, 0.0))
+    svi_step = SVIStep(model, guide, make_optimizer("adam", [{"params": list(guide.parameters())}], 1e-4))
     return svi_step
 
 

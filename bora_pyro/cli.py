@@ -37,68 +37,94 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def scale_or_flat(text: str) -> float | None:
-    return None if text.lower() in ("flat", "none") else float(text)
+FLAT = "flat"
+
+
+def scale_or_flat(text: str) -> float | str:
+    """``--global-scale``: a number, or ``FLAT`` (``global_scale=None`` in the config)."""
+    return FLAT if text.lower() in ("flat", "none") else float(text)
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fit``. None of them has a default here: a flag the user did not type stays
+    None, so ``--resume`` can tell what was typed (even a value equal to the default) from what
+    was not, and :func:`config_from_args` fills the rest from :class:`RunConfig`'s defaults."""
     defaults = RunConfig(model="")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--model", help="hub name or local folder of a causal LM")
     parser.add_argument("--data", help="a .jsonl/.json/.csv file, one document per row")
-    parser.add_argument("--task-field", default=defaults.task_field, help="column naming each row's task")
-    parser.add_argument("--text-field", default=defaults.text_field, help="column holding each row's text")
-    parser.add_argument("--prior", choices=PRIORS, default=defaults.prior)
-    parser.add_argument("--tau", type=float, default=defaults.tau, help="precision τ of tasks around the global adapter")
-    parser.add_argument("--global-scale", type=scale_or_flat, default=defaults.global_scale,
+    parser.add_argument("--task-field", help=f"column naming each row's task (default {defaults.task_field!r})")
+    parser.add_argument("--text-field", help=f"column holding each row's text (default {defaults.text_field!r})")
+    parser.add_argument("--prior", choices=PRIORS, help=f"default {defaults.prior}")
+    parser.add_argument("--tau", type=float,
+                        help=f"precision τ of tasks around the global adapter (default {defaults.tau:g})")
+    parser.add_argument("--global-scale", type=scale_or_flat,
                         help="prior scale of the global factors (or of the task factors for --prior "
-                             "independent); 'flat' for the paper's improper prior (MAP only)")
+                             "independent); 'flat' for the paper's improper prior (MAP only); "
+                             f"default {defaults.global_scale:g}")
     parser.add_argument("--tau-prior", metavar="SPEC",
                         help="learn τ under this hyperprior instead of fixing it: gamma:SHAPE,RATE or "
                              "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; needs --guide hybrid|mean-field, "
                              "and --log-scale-lr 0.05 for τ to move at --lr 1e-3")
     parser.add_argument("--tau-per", choices=("all", "layer", "module", "factor", "module-factor"),
-                        default=defaults.tau_per, help="one τ for all adapted modules, or one per layer, module, "
-                                                       "factor (A vs B) or module and factor")
+                        help="one τ for all adapted modules (the default), or one per layer, module, "
+                             "factor (A vs B) or module and factor")
     centring = parser.add_mutually_exclusive_group()
-    centring.add_argument("--non-centered", dest="centered", action="store_false",
+    centring.add_argument("--non-centered", dest="centered", action="store_const", const=False,
                           help="sample task offsets θ_d − Θ instead of θ_d (one lr serves every τ)")
     centring.add_argument("--decentered", dest="centered", action="store_const", const=0.0,
                           help="sample z ~ Normal(0, 1), θ_d = Θ + τ^(-1/2)·z (LocScaleReparam)")
-    parser.add_argument("--guide", choices=GUIDES, default=defaults.guide, help="map = the paper's estimator")
-    parser.add_argument("--init-scale", type=float, default=defaults.init_scale, help="mean-field initial std")
-    parser.add_argument("--rank", type=int, default=defaults.rank)
-    parser.add_argument("--alpha", type=float, default=defaults.alpha)
-    parser.add_argument("--target-modules", nargs="+", default=None,
+    parser.add_argument("--guide", choices=GUIDES, help=f"map = the paper's estimator (default {defaults.guide})")
+    parser.add_argument("--init-scale", type=float,
+                        help=f"initial standard deviation of the mean-field scales (default {defaults.init_scale:g})")
+    parser.add_argument("--rank", type=int, help=f"LoRA rank r (default {defaults.rank})")
+    parser.add_argument("--alpha", type=float, help=f"LoRA alpha: the update is (alpha/r)·B A (default {defaults.alpha:g})")
+    parser.add_argument("--target-modules", nargs="+",
                         help="module names (last component) or globs; default: per architecture")
-    parser.add_argument("--max-length", type=int, default=defaults.max_length)
-    parser.add_argument("--test-size", type=float, default=defaults.test_size)
-    parser.add_argument("--validation-size", type=float, default=defaults.validation_size,
-                        help="fraction of each task's training docs for early stopping")
+    parser.add_argument("--max-length", type=int, help=f"tokens per document, EOS included (default {defaults.max_length})")
+    parser.add_argument("--test-size", type=float, help=f"fraction of each task's docs for test (default {defaults.test_size:g})")
+    parser.add_argument("--validation-size", type=float,
+                        help=f"fraction of each task's training docs for early stopping (default {defaults.validation_size:g})")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int)
     length.add_argument("--epochs", type=float)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=int, help=f"documents per step (default {defaults.batch_size})")
     lr = parser.add_mutually_exclusive_group()
-    lr.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
-    lr.add_argument("--lr-per-tau", type=float, help="the paper's lr ∝ τ: lr = this × τ")
+    lr.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr:g})")
+    lr.add_argument("--lr-per-tau", type=float,
+                    help="the paper's recipe lr = this × τ (fixed τ only); with Adam the step size does not depend "
+                         "on the gradient's scale, so this only reproduces the paper")
     parser.add_argument("--log-scale-lr", type=float,
                         help="learning rate of the variational scales and of a latent τ (default: --lr); "
                              "0.05 lets τ move within a few hundred steps")
-    parser.add_argument("--optimizer", choices=("adam", "adamw"), default=defaults.optimizer)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--optimizer", choices=("adam", "adamw"), help=f"default {defaults.optimizer}")
+    parser.add_argument("--weight-decay", type=float,
+                        help="AdamW's decoupled decay of the factors' locations toward 0 (never of scales or τ); "
+                             "a task's factors decay only in the steps that see it (default 0)")
     parser.add_argument("--eval-every", type=int, help="steps between validation checks (default: an epoch)")
     parser.add_argument("--patience", type=int, help="early stopping: checks without improvement")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward pass (CUDA)")
-    parser.add_argument("--base-dtype", choices=tuple(BASE_DTYPES), default=defaults.base_dtype,
-                        help="dtype of the frozen base model's weights (auto: as saved; bfloat16 halves a float32 "
-                             "base's memory); adapters and guide stay float32")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
+    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--device", help=f"cpu, cuda or cuda:N (default {defaults.device})")
+    parser.add_argument("--bf16", action="store_const", const=True,
+                        help="bf16 autocast of the forward pass (CUDA, or a CPU with AMX/AVX512_BF16; "
+                             "~20x slower on other CPUs)")
+    parser.add_argument("--base-dtype", choices=tuple(BASE_DTYPES),
+                        help="dtype of the frozen base model's weights (auto, the default: as saved; bfloat16 halves "
+                             "a float32 base's memory); adapters and guide stay float32")
+    parser.add_argument("--gradient-checkpointing", action="store_const", const=True,
                         help="recompute each block's activations in the backward pass instead of keeping them")
     parser.add_argument("--out", help="run directory to write (checkpointed at every validation check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+#: ``fit`` flags whose dest is not a :class:`RunConfig` field.
+NOT_CONFIG = ("resume", "lr_per_tau", "out", "quiet")
+
+
+def typed_fit_flags(args: argparse.Namespace) -> dict:
+    """The ``fit`` settings the user typed (every one whose value is not None)."""
+    return {name: value for name, value in vars(args).items()
+            if value is not None and name not in ("command", "quiet", "resume")}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -108,51 +134,35 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         missing.append("--steps or --epochs")
     if missing:
         raise ConfigError(f"fit needs {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
-    if args.tau_prior is not None and args.lr_per_tau is not None:
-        raise ConfigError("--lr-per-tau scales the lr with a fixed τ; with --tau-prior give --lr")
-    return RunConfig(
-        model=args.model, data=args.data, task_field=args.task_field, text_field=args.text_field,
-        prior=args.prior, tau=args.tau, tau_prior=args.tau_prior, tau_per=args.tau_per,
-        global_scale=args.global_scale, centered=args.centered,
-        guide=args.guide, init_scale=args.init_scale, rank=args.rank, alpha=args.alpha,
-        target_modules=args.target_modules, max_length=args.max_length, test_size=args.test_size,
-        validation_size=args.validation_size, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, lr=chosen_lr(args, args.tau), log_scale_lr=args.log_scale_lr,
-        optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
-        eval_every=args.eval_every, patience=args.patience, seed=args.seed, device=args.device, bf16=args.bf16,
-        base_dtype=args.base_dtype, gradient_checkpointing=args.gradient_checkpointing,
-    )
+    config = RunConfig(**{name: value for name, value in typed_fit_flags(args).items() if name not in NOT_CONFIG})
+    if config.global_scale == FLAT:
+        config.global_scale = None
+    config.lr = chosen_lr(args, config)
+    return config
 
 
-def chosen_lr(args: argparse.Namespace, tau: float) -> float:
-    """The learning rate of ``--lr``, ``--lr-per-tau`` × τ, or the default."""
-    if args.lr_per_tau is not None:
-        return args.lr_per_tau * tau
-    return args.lr if args.lr is not None else RunConfig(model="").lr
-
-
-def fit_defaults() -> dict:
-    parser = OneLineParser()
-    add_fit_arguments(parser)
-    return vars(parser.parse_args([]))
+def chosen_lr(args: argparse.Namespace, config: RunConfig) -> float:
+    """The learning rate of ``--lr``, ``--lr-per-tau`` × the config's fixed τ, or the config's."""
+    if args.lr_per_tau is None:
+        return args.lr if args.lr is not None else config.lr
+    if config.prior != "hierarchical" or config.tau_prior is not None:
+        what = "learns τ (--tau-prior)" if config.tau_prior is not None else f"has no τ (--prior {config.prior})"
+        raise ConfigError(f"--lr-per-tau scales the lr with a fixed τ, but the run {what}; give --lr instead")
+    return args.lr_per_tau * config.tau
 
 
 def resumed_config(args: argparse.Namespace) -> RunConfig:
     """The config of the run to resume, with the few settings ``--resume`` may change."""
-    defaults = fit_defaults()
-    ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-               if name in defaults and name not in RESUME_FLAGS and value != defaults[name]]
-    if ignored:
+    refused = [f"--{name.replace('_', '-')}" for name in typed_fit_flags(args) if name not in RESUME_FLAGS]
+    if refused:
         raise ConfigError(f"--resume continues the run with the settings in its {CONFIG_FILE}; only --lr, "
-                          f"--lr-per-tau, --device and --quiet may change, not {', '.join(ignored)}")
+                          f"--lr-per-tau, --device and --quiet may change, not {', '.join(refused)}")
     config = read_config(args.resume)
     if not (Path(args.resume) / CHECKPOINT_FILE).is_file():
         raise ConfigError(f"{args.resume} has no checkpoint yet (the fit stopped before its first one): "
                           f"fit it again with --out {args.resume}")
-    if args.lr is not None or args.lr_per_tau is not None:
-        config.lr = chosen_lr(args, config.tau)
-    if args.device != defaults["device"]:
+    config.lr = chosen_lr(args, config)
+    if args.device is not None:
         config.device = args.device
     return config
 

@@ -138,11 +138,17 @@ class DocumentSet:
     def batches(
         self, batch_size: int, pad_token_id: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
-        """Mixed-task batches over the whole set (one may be smaller).
+        """Mixed-task batches over the whole set.
 
-        With ``shuffle``, documents are drawn in random order and, within windows of
-        ``LENGTH_GROUP_BATCHES`` batches, grouped by length (like HF's ``group_by_length``), so a
-        batch of short speeches is not padded to one long one; the batches then come in random order.
+        Without ``shuffle`` (evaluation), every document once, in order; the last batch may be
+        smaller. With ``shuffle`` (training), an epoch: the documents in random order, then as
+        many more drawn uniformly (without replacement) as fill the last batch, so that every
+        batch has ``batch_size`` rows and the likelihood's ``N / batch_size`` weighs every row
+        alike: each document's expected weight in a step is exactly 1. (A short last batch of r
+        rows would weigh each of them N/r, and length grouping puts the longest documents there.)
+        Within windows of ``LENGTH_GROUP_BATCHES`` batches the documents are grouped by length
+        (like HF's ``group_by_length``), so a batch of short speeches is not padded to one long
+        one; the batches then come in random order.
         """
         if batch_size < 1:
             raise DataError(f"batch size must be ≥ 1, got {batch_size}")
@@ -150,6 +156,10 @@ class DocumentSet:
             groups = [list(range(start, min(start + batch_size, len(self)))) for start in range(0, len(self), batch_size)]
         else:
             order = torch.randperm(len(self), generator=generator).tolist()
+            fill = -len(self) % batch_size
+            while fill:  # the extra documents of the last batch (more than N of them when B > N)
+                extra = torch.randperm(len(self), generator=generator)[:fill].tolist()
+                order, fill = order + extra, fill - len(extra)
             window = batch_size * LENGTH_GROUP_BATCHES
             groups = []
             for start in range(0, len(order), window):

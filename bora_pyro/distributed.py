@@ -83,10 +83,19 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 def average_gradients(parameters: list[torch.Tensor]) -> None:
     """Replace every ``.grad`` by its average over the ranks: one ``all_reduce`` of their
-    concatenation. Every rank must hold gradients for the same parameters, in the same order."""
+    concatenation. A parameter with a gradient on any rank gets one on every rank (zeros where
+    it had none: a rank whose share of the batch is empty, under a flat prior, has no gradient
+    at all), so that every rank reduces the same parameters in the same order."""
     num_ranks = world()[1]
+    if num_ranks == 1:
+        return
+    device = parameters[0].device if parameters else torch.device("cpu")
+    has_grad = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float32, device=device)
+    for parameter, anywhere in zip(parameters, sum_over_ranks(has_grad).tolist(), strict=True):
+        if anywhere and parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
     grads = [p.grad for p in parameters if p.grad is not None]
-    if num_ranks == 1 or not grads:
+    if not grads:
         return
     flat = sum_over_ranks(torch.cat([grad.reshape(-1) for grad in grads])).div_(num_ranks)
     for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):

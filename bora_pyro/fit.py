@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .allocator import reuse_large_blocks
 from .data import Batch, MultiTaskCorpus
-from .errors import ConfigError, FitError, FitInterrupted
+from .errors import CheckpointError, ConfigError, FitError, FitInterrupted
 from .evaluate import evaluate
 from .guides import param_groups
 
@@ -237,7 +237,8 @@ class SVIStep:
         if report[0] > 0:
             raise NotFinite("loss")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:  # not when a process's share is empty and the prior flat: no term at all
+            loss.backward()
         distributed.average_gradients(self.parameters)
         if not all_finite(p.grad for p in self.parameters if p.grad is not None):
             raise NotFinite("gradient")
@@ -246,14 +247,27 @@ class SVIStep:
         return StepReport(report[1], report[2], int(report[3]), report[4] > 0)
 
 
-def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam or AdamW; torch's fused kernel where every parameter is a float tensor on the CPU or a
-    GPU (one pass over a parameter instead of several: 4× faster on the CPU)."""
+def optimizer_groups(guide, lr: float, log_scale_lr: float | None, weight_decay: float) -> list[dict]:
+    """The guide's trainable parameters as torch optimizer groups: one group at ``lr`` when every
+    parameter is treated alike; else the factors' locations at ``lr`` with ``weight_decay`` and
+    the rest (variational log σ, a latent τ's parameters; :func:`~bora_pyro.guides.param_groups`)
+    at ``log_scale_lr`` (default ``lr``) without it: decay would pull log σ and log τ toward 0,
+    i.e. σ and τ toward 1, whatever the data say."""
+    if log_scale_lr is None and not weight_decay:
+        return [{"params": [p for p in guide.parameters() if p.requires_grad], "lr": lr}]
+    locations, rest = param_groups(guide, lr, lr if log_scale_lr is None else log_scale_lr)
+    return [locations | {"weight_decay": weight_decay}, rest | {"weight_decay": 0.0}]
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """Adam or AdamW over ``groups`` (each with its own ``lr`` and ``weight_decay``); torch's fused
+    kernel where every parameter is a float tensor on the CPU or a GPU (one pass over a parameter
+    instead of several: 4× faster on the CPU)."""
     if name not in ("adam", "adamw"):
         raise ConfigError(f"unknown optimizer {name!r}: use 'adam' or 'adamw'")
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for group in groups for p in group["params"])
     optimizer = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return optimizer(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    return optimizer(groups, lr=lr, weight_decay=0.0, fused=fused or None)
 
 
 def fit(
@@ -281,8 +295,15 @@ def fit(
     Args:
         steps / epochs: training length; give exactly one (epochs may be fractional).
         batch_size: documents per step, from mixed tasks.
-        lr, optimizer, weight_decay: torch optimizer (``"adam"`` or ``"adamw"``) settings. For MAP
-            at large τ the paper scales lr with τ: see :func:`paper_lr`.
+        lr, optimizer: torch optimizer (``"adam"`` or ``"adamw"``) settings. (The paper scales lr
+            with τ for MAP, :func:`paper_lr`; Adam's step size does not depend on the gradient's
+            scale, so that only reproduces the paper's recipe.)
+        weight_decay: decay of the factors' locations toward 0 (AdamW's decoupled decay; Adam's L2
+            penalty), never of the variational scales or of hyperparameters. A task's
+            factors get a gradient, and so an update and a decay, only in the steps whose batch
+            holds the task (lazy updates), so a task decays in proportion to its share of the
+            data: large tasks shrink toward 0 more than small ones, unlike the prior's shrinkage
+            toward Θ. The prior (τ, ``global_scale``) is the regulariser meant for this model.
         log_scale_lr: when given, the learning rate of the variational scales and of every
             hyperparameter site (a latent τ), ``lr`` staying that of the factors' locations (see
             :func:`bora_pyro.guides.param_groups`); ~0.05 lets a learned τ move within a few
@@ -329,9 +350,7 @@ def fit(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
-    parameters = [p for p in guide.parameters() if p.requires_grad]
-    groups = [{"params": parameters, "lr": lr}] if log_scale_lr is None else param_groups(guide, lr, log_scale_lr)
-    optim = make_optimizer(optimizer, groups, lr, weight_decay)
+    optim = make_optimizer(optimizer, optimizer_groups(guide, lr, log_scale_lr, weight_decay), lr)
     svi_step = SVIStep(model, guide, optim, autocast)
 
     result = FitResult(steps=0, best_step=0, stopped_early=False)
@@ -339,9 +358,14 @@ def fit(
     window, checkpoint_step = dict(EMPTY_WINDOW), None
     if resume is not None:
         guide.load_state_dict(resume.guide)
-        optim.load_state_dict(resume.optimizer)
-        for group, chosen in zip(optim.param_groups, groups, strict=True):
-            group["lr"] = chosen["lr"]
+        chosen_lrs = [group["lr"] for group in optim.param_groups]
+        try:
+            optim.load_state_dict(resume.optimizer)
+        except ValueError as error:  # another grouping of the parameters: an older bora-pyro wrote it
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this fit's parameters ({error}); "
+                                  "an older bora-pyro wrote it: fit the run again") from None
+        for group, chosen_lr in zip(optim.param_groups, chosen_lrs, strict=True):
+            group["lr"] = chosen_lr
         set_rng_state(resume.rng)
         batches.restore(resume.batches)
         result.steps, result.best_step, result.history = resume.step, resume.best_step, list(resume.history)

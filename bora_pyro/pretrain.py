@@ -20,6 +20,7 @@ complete only if all of :data:`REQUIRED_FILES` exist in it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .precision import bf16_is_fast, machine_description
+
 EOS_TOKEN = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when the training recipe changes, so old caches are not reused
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "pretrain.json")
@@ -45,8 +48,9 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 class BaseModelConfig:
     """Tokenizer, GPT-2 shape and training recipe of the base LM (all part of the cache key).
 
-    The defaults pretrain in about 7 minutes on 2 idle CPU cores with AMX/AVX512-BF16 (the machine
-    this project targets); a step is one batch of ``batch_size x block_size`` tokens.
+    The defaults pretrain in about 10 minutes on 2 idle CPU cores with bf16 hardware (AMX or
+    AVX512_BF16), ~2-4x longer in float32 without it; a step is one batch of
+    ``batch_size x block_size`` tokens.
     """
 
     vocab_size: int = 4096  # BPE vocabulary incl. the 256 byte tokens and <|endoftext|>
@@ -64,7 +68,7 @@ class BaseModelConfig:
     dropout: float = 0.0  # GPT-2 resid/embd/attn dropout; >0 makes CPU steps ~3x slower (kept in config)
     grad_clip: float = 1.0
     val_fraction: float = 0.05  # share of the texts held out (seeded, deterministic) for perplexity
-    bf16: bool = True  # torch.autocast(bfloat16) for training steps: ~2.3x faster on AMX CPUs (slow without bf16 support)
+    bf16: bool | None = None  # bf16 autocast of training steps; None: where it is fast (precision.bf16_is_fast)
     eval_every: int = 200  # held-out perplexity every this many steps (0: only before/after)
     seed: int = 0
 
@@ -179,6 +183,7 @@ def train_lm(model, train_ids: torch.Tensor, val_ids: torch.Tensor, config: Base
              progress: bool = True) -> dict:
     """Train ``model`` in place on random ``(batch_size, block_size)`` windows of ``train_ids``
     (shape (n,)); returns stats incl. ``history`` = [{step, minutes, train_loss, val_ppl}]."""
+    config = resolved(config)
     if len(train_ids) <= config.block_size + 1:
         raise ValueError(f"only {len(train_ids)} training tokens; need more than block_size + 1")
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -224,6 +229,12 @@ def train_lm(model, train_ids: torch.Tensor, val_ids: torch.Tensor, config: Base
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
+def resolved(config: BaseModelConfig) -> BaseModelConfig:
+    """``config`` with ``bf16=None`` decided for this CPU: bf16 where it is fast, float32 elsewhere
+    (the choice is part of the cache key: the two train different weights)."""
+    return config if config.bf16 is not None else dataclasses.replace(config, bf16=bf16_is_fast("cpu"))
+
+
 def pretrain_base(texts: Sequence[str], cache_dir: str | Path, config: BaseModelConfig,
                   progress: bool = True) -> Path:
     """Return ``cache_dir/<fingerprint(texts, config)>``, training and saving the base LM first
@@ -235,6 +246,7 @@ def pretrain_base(texts: Sequence[str], cache_dir: str | Path, config: BaseModel
     """
     texts = list(texts)
     cache_dir = Path(cache_dir)
+    config = resolved(config)
     name = fingerprint(texts, config)
     final = cache_dir / name
     if is_complete(final):
@@ -269,6 +281,7 @@ def pretrain_base(texts: Sequence[str], cache_dir: str | Path, config: BaseModel
             "init_val_ppl": math.exp(init_val_loss), "val_loss": val_loss, "val_ppl": math.exp(val_loss),
             "uniform_ppl": len(tokenizer),
             "train_seconds": stats["train_seconds"], "total_seconds": time.perf_counter() - t0,
+            "machine": machine_description("cpu"),
             "history": stats["history"],
             "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                          "tokenizers": _version("tokenizers")},

@@ -35,6 +35,7 @@ from bora_pyro.cli import main as cli
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers, unseen_speakers
 from bora_pyro.generation import generate
 from bora_pyro.guides import map_guide, quantiles
+from bora_pyro.precision import bf16_is_fast, machine_description
 from bora_pyro.predictive import global_factors, new_task_perplexity, predictive_perplexity, shrinkage
 from bora_pyro.evaluate import evaluate_factors
 from bora_pyro.pretrain import BaseModelConfig, pretrain_base
@@ -56,10 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=10, help="speeches per unseen speaker for the few-shot fit")
     parser.add_argument("--unseen", type=int, default=8, help="number of unseen speakers")
     parser.add_argument("--refit", action="store_true", help="fit again even if --out holds a fitted run")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast of the fits (default: where the CPU computes bf16 fast; float32 elsewhere)")
     args = parser.parse_args(argv)
     args.samples = args.samples or (4 if args.quick else 24)
     args.steps = args.steps or (24 if args.quick else 500)
     args.out = Path(args.out or ("examples/results-predictive-quick" if args.quick else "examples/results-predictive"))
+    args.bf16 = bf16_is_fast("cpu") if args.bf16 is None else args.bf16
     return args
 
 
@@ -79,8 +83,8 @@ def fit_run(base_dir: Path, records: list[dict], max_length: int, args) -> Path:
              "--tau-prior", "lognormal:6.9,2", "--non-centered", "--guide", "hybrid", "--lr", "1e-3",
              "--log-scale-lr", "0.05", "--steps", str(args.steps), "--batch-size", "16", "--max-length", str(max_length),
              "--rank", "8", "--alpha", "16", "--test-size", "0.33", "--validation-size", "0.15",
-             "--eval-every", str(max(args.steps // 12, 1)), "--patience", "3", "--bf16", "--out", str(run_dir),
-             "--quiet"]
+             "--eval-every", str(max(args.steps // 12, 1)), "--patience", "3", "--out", str(run_dir),
+             "--quiet"] + (["--bf16"] if args.bf16 else [])
     print("bora-pyro " + " ".join(flags), flush=True)
     if cli(flags) != 0:
         raise SystemExit("the fit failed")
@@ -106,7 +110,7 @@ def unseen_comparison(run, records: list[dict], args) -> dict:
                                 corpus.pad_token_id, args.samples)
     few_shot_model = run.model.for_new_tasks(run.guide.median(), corpus.num_tasks)
     few_shot_guide = map_guide(few_shot_model)
-    fit(few_shot_model, few_shot_guide, corpus, steps=max(args.steps // 5, 1), batch_size=16, lr=1e-3, bf16=True,
+    fit(few_shot_model, few_shot_guide, corpus, steps=max(args.steps // 5, 1), batch_size=16, lr=1e-3, bf16=args.bf16,
         progress=False)
     few_shot = evaluate(few_shot_model, few_shot_guide, corpus, "test")["perplexity"]
     return {"speakers": {name: c["test_docs"] for name, c in corpus.counts().items()},
@@ -204,6 +208,9 @@ def main(argv=None) -> int:
     results = {
         "perplexity": overall, "tasks": report["tasks"], "samples": args.samples,
         "tau": {"median": median, "ci": [low, high]}, "shrinkage": shrink, "generated": generated, "unseen": unseen,
+        "fit": {key: value for key, value in vars(run.config).items()
+                if key not in ("task_names", "versions", "base_fingerprint")} | {"base_model": str(base_dir)},
+        "machine": machine_description("cpu"),
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python examples/posterior_predictive.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

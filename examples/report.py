@@ -69,10 +69,21 @@ def header(results: dict) -> list[str]:
         model = f"`{base.get('model', '?')}`"
     return ["# BoRA on Shakespeare speakers", "",
             f"- Command: `{results['command']}`",
-            f"- Run time: {results['minutes']} min",
+            f"- Run time: {results['minutes']} min{machine_text(results)}",
             f"- Base model: {model}",
             f"- Tasks: {len(results['tasks'])} speakers",
             f"- Best τ on validation: **{tau_text(results['best_tau_on_validation'])}**", ""]
+
+
+def machine_text(results: dict) -> str:
+    """Where the run time was measured: the CPU and whether the fits ran under bf16 autocast."""
+    machine, settings = results.get("machine"), results.get("settings", {})
+    if not machine:
+        return ""
+    features = ", ".join(machine["cpu_bf16_features"]) or "none"
+    precision = "bf16 autocast" if settings.get("bf16") else "float32"
+    return (f" on {machine['processor']} ({machine['torch_threads']} threads, bf16 instructions: {features}); "
+            f"fits in {precision}, test perplexity in float32")
 
 
 def tau_table(results: dict) -> list[str]:
@@ -125,11 +136,23 @@ def task_table(results: dict) -> list[str]:
                      + f" | {' / '.join(gains)} |")
     count = len(results["tasks"])
     if 0 < best < math.inf:
-        summary = f"τ={tau_symbol(best)} beats both τ=0 and τ=∞ on **{wins} of {count}** tasks."
+        summary = (f"On the means over seeds, τ={tau_symbol(best)} beats both τ=0 and τ=∞ on **{wins} of {count}** "
+                   f"tasks; seed by seed on {' and '.join(map(str, seed_wins(results, best)))} of {count}.")
     else:
         summary = (f"The best τ on validation is an extreme (τ={tau_symbol(best)}); an intermediate τ has the "
                    f"lowest perplexity on **{inner} of {count}** tasks.")
     return lines + ["", summary, ""]
+
+
+def seed_wins(results: dict, best: float) -> list[int]:
+    """Per seed, the tasks on which the MAP fit at τ = ``best`` beats both the τ = 0 and τ = ∞ fits."""
+    def fit_at(tau: float, seed: int) -> dict:
+        return next(run for run in results["runs"]
+                    if run["guide"] == "map" and run["seed"] == seed and as_float(run["tau"]) == tau)
+
+    seeds = sorted({run["seed"] for run in results["runs"] if run["guide"] == "map"})
+    return [sum(all(fit_at(best, seed)["tasks"][name] < fit_at(extreme, seed)["tasks"][name]
+                    for extreme in (0.0, math.inf)) for name in results["tasks"]) for seed in seeds]
 
 
 def x_positions(taus: list[float]) -> dict[float, float]:

@@ -35,6 +35,7 @@ from bora_pyro.errors import ConfigError
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, quantiles
 from bora_pyro.models import BoRA, HierarchicalNormal, prior_from_tau
+from bora_pyro.precision import bf16_is_fast, machine_description
 from bora_pyro.predictive import flatten_factors, global_factors
 from bora_pyro.pretrain import BaseModelConfig, load_info, pretrain_base
 from report import write_report  # examples/report.py: results.md and the plots
@@ -61,12 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="max SVI steps per fit (default 250, quick 24)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="chosen on validation: 1e-3 beat 3e-3 at τ=1000")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the factors (Adam)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 forward passes")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast of the fits' forward passes (default: where the device computes bf16 "
+                             "fast, see bora_pyro.precision; float32 elsewhere)")
     parser.add_argument("--skip-mean-field", action="store_true", help="only the MAP sweep (e.g. to pick the lr)")
     parser.add_argument("--skip-learned-tau", action="store_true", help="no fit with τ learned")
     parser.add_argument("--learned-tau-steps", type=int, default=None,
@@ -79,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or (24 if args.quick else 250)
     args.learned_tau_steps = args.learned_tau_steps or 2 * args.steps
     args.out = Path(args.out or ("examples/results-quick" if args.quick else "examples/results"))
+    args.bf16 = bf16_is_fast(args.device) if args.bf16 is None else args.bf16
     return args
 
 
@@ -206,7 +210,10 @@ def main(argv=None) -> int:
         "tasks": {name: {"train_docs": c["train_docs"], "validation_docs": c["validation_docs"],
                          "test_docs": c["test_docs"]} for name, c in counts.items()},
         "runs": runs + mean_field_runs + learned_runs,
-        "settings": vars(args) | {"out": str(args.out), "taus": [tau_label(tau) for tau in args.taus]},
+        "settings": vars(args) | {"out": str(args.out), "taus": [tau_label(tau) for tau in args.taus],
+                                  "validation_precision": "bf16 autocast" if args.bf16 else "float32",
+                                  "test_precision": "float32"},
+        "machine": machine_description(args.device),
         "minutes": round((time.time() - started) / 60, 1),
         "command": "python examples/shakespeare_speakers.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -3,6 +3,9 @@
     torchrun --nproc-per-node 2 tests/distributed_worker.py api MODEL_DIR OUT
         fits every guide of GUIDES on the corpus of ``parity_corpus`` and saves the guide's
         parameters and the history as ``OUT/<guide>-rank<r>.pt``.
+    torchrun --nproc-per-node 2 tests/distributed_worker.py flat MODEL_DIR OUT
+        fits MAP under each flat prior of FLAT_PRIORS on global batches of one document (process 1
+        never has a row) and saves ``OUT/<prior>-rank<r>.pt`` likewise.
     torchrun --nproc-per-node 2 tests/distributed_worker.py cli OUT [--stop-rank R] -- FIT_ARGS...
         runs ``bora-pyro fit FIT_ARGS`` and logs every file this rank creates to
         ``OUT/writes-rank<r>.txt``; with ``--stop-rank R`` rank R receives a SIGTERM at its first
@@ -21,10 +24,11 @@ import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, fit, load_tokenizer
 from bora_pyro.guides import map_guide, mean_field_guide
-from bora_pyro.models import BoRA, HierarchicalNormal
+from bora_pyro.models import BoRA, HierarchicalNormal, Independent, Joint
 
 GUIDES = {"map": map_guide, "mean-field": mean_field_guide}
-STEPS, BATCH_SIZE = 7, 7  # 29 training documents: batches of 7, 7, 7, 7 and 1 (process 1 gets no row)
+FLAT_PRIORS = {"joint": Joint(None), "independent": Independent(None)}
+STEPS, BATCH_SIZE = 7, 7  # 29 training documents: 4 batches of 7 and one of 1 + 6 drawn at random
 
 
 def parity_corpus(model_dir: str) -> MultiTaskCorpus:
@@ -34,13 +38,14 @@ def parity_corpus(model_dir: str) -> MultiTaskCorpus:
     return MultiTaskCorpus(records, load_tokenizer(model_dir), test_size=0.0, validation_size=0.4)
 
 
-def fit_guide(model_dir: str, guide_name: str) -> tuple[dict, list]:
-    """The guide's parameters and the fit's history after ``STEPS`` steps (validation every 3)."""
+def fit_guide(model_dir: str, guide_name: str, prior=None, batch_size: int = BATCH_SIZE) -> tuple[dict, list]:
+    """The guide's parameters and the fit's history after ``STEPS`` steps (validation every 3);
+    the prior ``HierarchicalNormal(10.0)`` unless given."""
     corpus = parity_corpus(model_dir)
     lm = MultiTaskLM.from_pretrained(model_dir, rank=2, alpha=4)
-    model = BoRA(lm, HierarchicalNormal(10.0), corpus.num_tasks)
+    model = BoRA(lm, prior or HierarchicalNormal(10.0), corpus.num_tasks)
     guide = GUIDES[guide_name](model)
-    result = fit(model, guide, corpus, steps=STEPS, batch_size=BATCH_SIZE, lr=0.05, eval_every=3, progress=False)
+    result = fit(model, guide, corpus, steps=STEPS, batch_size=batch_size, lr=0.05, eval_every=3, progress=False)
     return {k: v.detach().clone() for k, v in guide.state_dict().items()}, result.history
 
 
@@ -76,14 +81,16 @@ def stop_at_first_check() -> None:
 def main(argv: list[str]) -> int:
     rank = int(os.environ["RANK"])
     mode, *rest = argv
-    if mode == "api":
+    if mode in ("api", "flat"):
         from bora_pyro import distributed
 
         model_dir, out = rest
         distributed.init_from_env("cpu")
-        for guide_name in GUIDES:
-            state, history = fit_guide(model_dir, guide_name)
-            torch.save({"state": state, "history": history}, Path(out) / f"{guide_name}-rank{rank}.pt")
+        fits = {name: (name, None, BATCH_SIZE) for name in GUIDES} if mode == "api" else \
+            {name: ("map", prior, 1) for name, prior in FLAT_PRIORS.items()}
+        for name, settings in fits.items():
+            state, history = fit_guide(model_dir, *settings)
+            torch.save({"state": state, "history": history}, Path(out) / f"{name}-rank{rank}.pt")
         distributed.shutdown()
         return 0
     from bora_pyro.cli import main as cli_main

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bora_pyro import MultiTaskCorpus, load_tokenizer
 from bora_pyro.data import split_sizes
@@ -75,3 +76,24 @@ def test_from_file_jsonl_csv_and_errors(tmp_path, gpt2_dir):
         MultiTaskCorpus.from_file(tmp_path / "nope.jsonl", tokenizer)
     with pytest.raises(DataError, match="not fitted on"):
         MultiTaskCorpus.from_file(jsonl, tokenizer, task_field="speaker", text_field="line", task_names=["task0"])
+
+
+@pytest.mark.parametrize("num_docs, batch_size", [(23, 6), (5, 8)])
+def test_training_batches_are_full_and_weigh_every_document_alike(tokenizer, num_docs, batch_size):
+    """B ∤ N: the epoch's last batch is filled with documents drawn uniformly, so every row weighs
+    N/B and each document's expected weight per step, E[(N/B)·count] / steps, is exactly 1. A short
+    last batch of r rows would weigh its rows N/r, and length grouping puts the longest there."""
+    texts = [" ".join(["w1"] * (1 + n)) for n in range(num_docs)]  # document n is the (n+1)-th longest
+    documents = MultiTaskCorpus([("a", text) for text in texts], tokenizer, test_size=0.0).train
+    generator = torch.Generator().manual_seed(0)
+    epochs, steps_per_epoch = 3000, -(-num_docs // batch_size)
+    weights = torch.zeros(num_docs, dtype=torch.float64)
+    for _ in range(epochs):
+        batches = list(documents.batches(batch_size, 0, shuffle=True, generator=generator))
+        assert len(batches) == steps_per_epoch and all(len(b.doc_ids) == batch_size for b in batches)
+        counts = torch.bincount(torch.cat([b.doc_ids for b in batches]), minlength=num_docs)
+        assert bool((counts >= 1).all())  # every document once, then the fill
+        weights += counts * num_docs / batch_size
+    weights /= epochs * steps_per_epoch
+    assert float(weights.sum()) == pytest.approx(num_docs)  # exact: N/B per row, B rows a step
+    assert float((weights - 1).abs().max()) < 0.03  # the longest documents included (the old max was 1.19)

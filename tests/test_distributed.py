@@ -12,7 +12,7 @@ import torch
 from bora_pyro.cli import main
 from bora_pyro.run import GUIDE_FILE, METRICS_FILE, load_checkpoint
 from conftest import loopback_env, torchrun
-from distributed_worker import GUIDES, fit_guide
+from distributed_worker import BATCH_SIZE, FLAT_PRIORS, GUIDES, fit_guide
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 
@@ -27,13 +27,17 @@ def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tenso
     return max(float((first[name] - second[name]).abs().max()) for name in first)
 
 
-def test_two_processes_end_with_the_parameters_of_one(gpt2_dir, tmp_path):
-    # 7 steps of global batches of 7 (4 + 3 rows per process; one batch of 1 leaves process 1
-    # without rows), validation every 3 steps split across the processes
-    finished = run_workers("api", gpt2_dir, str(tmp_path))
+@pytest.mark.parametrize("mode", ["api", "flat"])
+def test_two_processes_end_with_the_parameters_of_one(gpt2_dir, tmp_path, mode):
+    # api: 7 steps of global batches of 7 (4 + 3 rows per process), validation every 3 steps split
+    # across the processes; flat: MAP under flat priors on batches of 1, so process 1 never has a
+    # row, no prior term and no gradient of its own (it used to crash the fit)
+    finished = run_workers(mode, gpt2_dir, str(tmp_path))
     assert finished.returncode == 0, finished.stderr[-3000:]
-    for guide_name in GUIDES:
-        state, history = fit_guide(gpt2_dir, guide_name)
+    fits = {name: (name, None, BATCH_SIZE) for name in GUIDES} if mode == "api" else \
+        {name: ("map", prior, 1) for name, prior in FLAT_PRIORS.items()}
+    for guide_name, settings in fits.items():
+        state, history = fit_guide(gpt2_dir, *settings)
         ranks = [torch.load(tmp_path / f"{guide_name}-rank{rank}.pt") for rank in (0, 1)]
         assert max_difference(ranks[0]["state"], ranks[1]["state"]) == 0.0, guide_name  # one update, applied alike
         assert max_difference(ranks[0]["state"], state) <= 1e-5, guide_name

@@ -312,7 +312,7 @@ def test_cli_learns_tau_and_load_run_rebuilds_it(gpt2_dir, synthetic_jsonl, tmp_
     (["--tau-prior", "gamma:2,0.02"], "--guide map cannot learn τ"),  # map is the default guide
     (["--tau-prior", "gamma:2", "--guide", "hybrid"], "gamma:SHAPE,RATE"),
     (["--tau-prior", "gamma:2,0.02", "--prior", "joint", "--guide", "hybrid"], "--prior hierarchical"),
-    (["--tau-prior", "gamma:2,0.02", "--lr-per-tau", "1e-5", "--guide", "hybrid"], "with --tau-prior give --lr"),
+    (["--tau-prior", "gamma:2,0.02", "--lr-per-tau", "1e-5", "--guide", "hybrid"], "but the run learns τ (--tau-prior); give --lr"),
     (["--tau-prior", "gamma:2,0.02", "--guide", "hybrid", "--log-scale-lr", "0"], "--log-scale-lr 0.05"),
 ])
 def test_cli_refuses_bad_learned_tau_settings(gpt2_dir, synthetic_jsonl, tmp_path, capsys, extra, message):
