@@ -12,13 +12,15 @@ import contextlib
 import fnmatch
 import functools
 import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
+from tokenizers import Tokenizer
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -36,6 +38,10 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
 }
+
+TOKENIZER_FILE = "tokenizer.json"
+#: How many tokens of a tokenizer.json's vocabulary make the text that checks it is used (:func:`ignores_file`).
+PROBE_TOKENS = 32
 
 #: Adapter factors of one forward pass: module name → (lora_A [T, r, in], lora_B [T, out, r]).
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -86,12 +92,22 @@ def is_causal(model: PreTrainedModel) -> bool:
 
 
 def load_tokenizer(name_or_path: str | Path):
-    """Load the tokenizer of a model; a missing pad token is set to the EOS token."""
+    """Load the tokenizer of a model; a missing pad token is set to the EOS token.
+
+    A folder's ``tokenizer.json`` is used even where ``AutoTokenizer`` ignores it: transformers 5
+    builds some model types' own tokenizer class (``Qwen2Tokenizer`` for a qwen2 folder) from the
+    file's vocabulary alone, and a tokenizer.json of another kind (a word-level one) then tokenises
+    every text to nothing. When the loaded tokenizer finds no token in a text that the file
+    tokenises, the file is loaded by itself (a ``PreTrainedTokenizerFast``).
+    """
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError, TypeError) as error:
         raise ModelError(f"cannot load the tokenizer of {str(name_or_path)!r} ({first_line(error)}); "
                          "save one with tokenizer.save_pretrained in the model folder") from None
+    file = Path(name_or_path) / TOKENIZER_FILE
+    if file.is_file() and ignores_file(tokenizer, file):
+        tokenizer = tokenizer_from_file(file, type(tokenizer).__name__)
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers builds one from a bare config.json
         raise ModelError(f"cannot load the tokenizer of {str(name_or_path)!r} (it has no vocabulary beyond its "
                          "special tokens); save one with tokenizer.save_pretrained in the model folder")
@@ -100,6 +116,57 @@ def load_tokenizer(name_or_path: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def ignores_file(tokenizer, path: Path) -> bool:
+    """Whether ``tokenizer`` finds no token (other than special ones) in a text that the
+    tokenizer.json ``path`` does tokenise: a text made of a sample of the file's own vocabulary."""
+    try:
+        backend = Tokenizer.from_file(str(path))
+    except Exception:  # tokenizers raises a bare Exception for a file it cannot read: nothing to compare with
+        return False
+    special = set(backend.get_added_tokens_decoder())
+    if getattr(backend.model, "unk_token", None) is not None:
+        special.add(backend.token_to_id(backend.model.unk_token))
+    vocabulary = sorted(set(backend.get_vocab().values()) - special)
+    probe = " ".join(backend.decode([i]) for i in vocabulary[:: max(1, len(vocabulary) // PROBE_TOKENS)])
+    in_file = set(backend.encode(probe, add_special_tokens=False).ids) - special
+    loaded = set(tokenizer(probe, add_special_tokens=False)["input_ids"]) - set(tokenizer.all_special_ids)
+    return bool(in_file) and not loaded
+
+
+def tokenizer_from_file(path: Path, ignored_by: str) -> PreTrainedTokenizerFast:
+    """The tokenizer.json ``path`` by itself, with the special tokens named beside it; a one-line
+    :class:`ModelError` naming the cause (``ignored_by``, the class AutoTokenizer built) if it cannot be loaded."""
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), **special_tokens(path.parent))
+    except Exception as error:  # tokenizers raises bare Exceptions, transformers ValueError, TypeError, ...
+        raise ModelError(
+            f"cannot load the tokenizer of {str(path.parent)!r}: transformers builds a {ignored_by} that ignores "
+            f"the folder's {TOKENIZER_FILE} (it finds no token in text the file tokenises), and the file cannot be "
+            f"loaded by itself ({first_line(error)}); fix {TOKENIZER_FILE} so that "
+            "PreTrainedTokenizerFast(tokenizer_file=...) loads it, or save the model type's own tokenizer with "
+            "tokenizer.save_pretrained"
+        ) from None
+
+
+def special_tokens(folder: Path) -> dict:
+    """The special tokens (``eos_token``, ..., ``additional_special_tokens``) named in a folder's
+    special_tokens_map.json and tokenizer_config.json (the latter wins), as strings."""
+    found = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        for key, value in (json.loads(path.read_text()) if path.is_file() else {}).items():
+            if key in PreTrainedTokenizerFast.SPECIAL_TOKENS_ATTRIBUTES and isinstance(value, (str, dict)):
+                found[key] = token_text(value)
+            elif key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
+                found[key] = [token_text(token) for token in value]
+    return found
+
+
+def token_text(token: str | dict) -> str:
+    """A special token as saved (its text, or an ``AddedToken``'s dict) as its text."""
+    return token["content"] if isinstance(token, dict) else token
 
 
 def check_vocabulary(model: PreTrainedModel, tokenizer) -> None:

@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import random
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -255,14 +256,24 @@ def read_csv(path: Path, text: str) -> list[dict]:
 
 
 def read_json(path: Path, text: str) -> list[dict]:
-    """JSON lines, or (a file starting with ``[``) one JSON array; every row must be an object."""
+    """JSON lines, or (a file starting with ``[``) one JSON array; every row must be an object.
+    ``NaN`` and ``±Infinity``, which Python's json reads but JSON does not have, are refused."""
     stripped = text.lstrip()
     lines = [(1 + text[: len(text) - len(stripped)].count("\n"), stripped)] if stripped.startswith("[") else \
         [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+    def no_constant(number: int, line: str, constant: str):
+        """json's ``parse_constant``: refuse ``constant``, naming the line of the first one outside a string."""
+        strings_or_constants = re.finditer(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)', line)
+        offset = next((match.start() for match in strings_or_constants if match.group(1)), 0)
+        at = number + line.count("\n", 0, offset)
+        raise DataError(f"{path}, line {at}: {constant} is not a JSON number (JSON has no NaN or Infinity); "
+                        f"write it as null or as a string such as \"{constant}\"")
+
     rows = []
     for number, line in lines:
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_constant=functools.partial(no_constant, number, line))
         except json.JSONDecodeError as error:
             raise DataError(f"{path}, line {number + error.lineno - 1}: not valid JSON ({error.msg}); a .jsonl file "
                             "holds one JSON object per line") from None

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import shutil
+import uuid
 from pathlib import Path
 
 import safetensors.torch
@@ -24,7 +27,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .adapted_lm import load_causal_lm
-from .errors import ConfigError
+from .errors import ConfigError, WriteError, first_line
 from .predictive import global_factors
 from .run import Run, RunConfig, atomic_write, make_dir, write_json
 
@@ -194,11 +197,40 @@ def merge(run: Run, task: str | None = None) -> PreTrainedModel:
 
 
 def save_merged(run: Run, out_dir: str | Path, task: str | None = None) -> Path:
-    """:func:`merge` saved with ``save_pretrained`` in ``out_dir``, with the run's tokenizer."""
-    out_dir = make_dir(Path(out_dir))
-    merge(run, task).save_pretrained(out_dir)
-    run.tokenizer.save_pretrained(out_dir)
+    """:func:`merge` saved with ``save_pretrained`` in ``out_dir``, with the run's tokenizer.
+
+    Both are written into a temp folder beside ``out_dir`` and then moved there, so a failed save
+    leaves no half-written model.
+
+    Raises:
+        WriteError: the folder is not writable or the disk is full; ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    model = merge(run, task)
+    make_dir(out_dir.parent)
+    temp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        temp.mkdir()
+        model.save_pretrained(temp)
+        run.tokenizer.save_pretrained(temp)
+        move_into(temp, out_dir)
+    except OSError as error:
+        raise WriteError(f"cannot write the merged model to {out_dir} ({error.strerror or first_line(error)}); "
+                         "nothing of it was left there: free disk space or make the folder writable, "
+                         "then try again") from None
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     return out_dir
+
+
+def move_into(folder: Path, out_dir: Path) -> None:
+    """Move ``folder`` to ``out_dir`` in one rename; into an ``out_dir`` that already holds files,
+    move its files one rename each (``out_dir``'s other files stay)."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        for path in folder.iterdir():
+            os.replace(path, out_dir / path.name)
+    else:
+        os.replace(folder, out_dir)
 
 
 def peft_index(out_dir: str | Path) -> dict:

@@ -3,6 +3,9 @@
 A run directory holds ``config.json`` (a :class:`RunConfig`, enough to rebuild model, prior, guide
 and data split), ``guide.safetensors`` (the fitted guide parameters; nothing is ever unpickled)
 and ``metrics.json``. Every file is written atomically: a temp file, then a rename.
+
+``config.json`` names the directory's format (:data:`FORMAT_VERSION`; none: format 1). A format
+this bora-pyro cannot read is refused; an older one is read by converting what changed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +38,11 @@ PRIORS = ("hierarchical", "independent", "joint")
 #: ``--base-dtype`` → the dtype the frozen base is loaded in (auto: as saved, transformers' default)
 BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GUIDES = ("map", "mean-field", "hybrid")
+#: The run directory's format. 2: the mean-field scales are ``log_scales``/``task_log_scales`` = log σ;
+#: 1 (a config.json without ``format_version``) kept them as ``scales``/``task_scales`` = softplus⁻¹ σ.
+FORMAT_VERSION = 2
+#: A format-1 guide parameter of the mean-field scales (of the whole guide, or of a part ``N.`` of a hybrid one).
+FORMAT_1_SCALES = re.compile(r"^(\d+\.)?(task_)?scales\.")
 
 
 @dataclass
@@ -75,6 +84,7 @@ class RunConfig:
     task_names: list[str] = field(default_factory=list)
     base_fingerprint: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION  # of the run directory that holds this config
 
     def validate(self) -> None:
         if self.prior not in PRIORS:
@@ -105,8 +115,9 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, values: dict) -> RunConfig:
+        """The config of a ``config.json``; one without ``format_version`` is of format 1."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**{"format_version": 1, **{k: v for k, v in values.items() if k in known}})
 
 
 def check_device(device: str) -> None:
@@ -214,19 +225,22 @@ def write_json(path: Path, values: dict) -> None:
 def save_config(run_dir: str | Path, config: RunConfig) -> Path:
     """Write ``config.json`` (with the library versions) into ``run_dir``, created if needed."""
     run_dir = make_dir(Path(run_dir))
-    config.versions = versions()
+    config.versions, config.format_version = versions(), FORMAT_VERSION
     write_json(run_dir / CONFIG_FILE, config.to_json())
     return run_dir
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
-    """The :class:`RunConfig` of a run directory, refused if a newer major version wrote it."""
+    """The :class:`RunConfig` of a run directory, refused if it is in a format this bora-pyro
+    cannot read or a newer major version wrote it."""
     config_path = Path(run_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{str(run_dir)!r} is not a run directory: it has no {CONFIG_FILE}; "
                               "pass the --out folder of a fit")
     try:
-        config = RunConfig.from_json(json.loads(config_path.read_text()))
+        values = json.loads(config_path.read_text())
+        check_format(config_path, values.get("format_version", 1))
+        config = RunConfig.from_json(values)
     except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path} is not a valid run config ({first_line(error)}); "
                               "the file is corrupt: fit the run again") from None
@@ -236,6 +250,15 @@ def read_config(run_dir: str | Path) -> RunConfig:
             f"{run_dir} was written by bora-pyro {saved}; this is {__version__}: load it with that major version"
         )
     return config
+
+
+def check_format(config_path: Path, format_version) -> None:
+    """Refuse a run directory of a format this bora-pyro cannot read (one a newer bora-pyro wrote)."""
+    if format_version not in range(1, FORMAT_VERSION + 1):
+        raise CheckpointError(
+            f"{config_path} is of run-directory format {format_version!r}, and this bora-pyro ({__version__}) reads "
+            f"formats 1 to {FORMAT_VERSION}: load the run with the bora-pyro that wrote it, or fit it again"
+        )
 
 
 def check_base_model(config: RunConfig, lm: MultiTaskLM) -> None:
@@ -292,8 +315,23 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
     check_base_model(config, lm)
     model, guide = build_model(config, lm)
     init_guide(guide, lm, tokenizer.eos_token_id)
-    load_guide_state(guide, read_tensors(run_dir / GUIDE_FILE, lm.device)[0], run_dir / GUIDE_FILE)
+    state = read_tensors(run_dir / GUIDE_FILE, lm.device)[0]
+    if config.format_version == 1:
+        state = format_2_guide_state(state)
+    load_guide_state(guide, state, run_dir / GUIDE_FILE)
     return Run(config, lm, tokenizer, model, guide)
+
+
+def format_2_guide_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A format-1 guide state in format 2: the mean-field scales ``scales.*``/``task_scales.*``,
+    stored as Pyro's softplus⁻¹ σ, become ``log_scales.*``/``task_log_scales.*`` = log σ =
+    log softplus(s). Every other parameter is the same in both formats."""
+    converted = {}
+    for name, value in state.items():
+        new_name = FORMAT_1_SCALES.sub(r"\1\2log_scales.", name)
+        converted[new_name] = value if new_name == name else \
+            torch.nn.functional.softplus(value.double()).log().to(value.dtype)
+    return converted
 
 
 def load_guide_state(guide, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -353,6 +391,13 @@ def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> 
     """The :class:`~bora_pyro.fit.TrainState` saved by :func:`save_checkpoint`."""
     path = Path(run_dir) / CHECKPOINT_FILE
     tensors, metadata = read_tensors(path)
+    if any(FORMAT_1_SCALES.match(key.removeprefix("guide.")) for key in tensors):
+        raise CheckpointError(
+            f"{path} is of run-directory format 1, which kept the variational scales as softplus⁻¹ σ (format "
+            f"{FORMAT_VERSION}: log σ); its guide converts, but the optimizer state of those scales cannot be "
+            f"converted, so --resume cannot continue it: evaluate, predict and export still read the run's "
+            f"{GUIDE_FILE}, or fit the run again with --out"
+        )
     try:
         meta = json.loads(metadata["train_state"])
     except (KeyError, json.JSONDecodeError):

@@ -26,18 +26,22 @@ import pytest
 import safetensors.torch
 import torch
 from tokenizers import Regex, normalizers
-from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, T5Config
+from transformers import (
+    AutoTokenizer, BertConfig, BertModel, GPT2Config, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config,
+    Qwen2ForCausalLM, T5Config,
+)
 
 from bora_pyro import (
     BoRAError, CheckpointError, ConfigError, DataError, DataWarning, FitError, FitInterrupted, ModelError,
     MultiTaskCorpus, MultiTaskLM, RunConfig, WriteError, fit, load_run, load_tokenizer,
 )
-from bora_pyro import distributed
+from bora_pyro import adapted_lm, distributed
 from bora_pyro.cli import main
 from bora_pyro.guides import map_guide
 from bora_pyro.models import BoRA, HierarchicalNormal
 from bora_pyro.run import CHECKPOINT_FILE, GUIDE_FILE, load_checkpoint, save_checkpoint
-from conftest import make_tokenizer, save_tiny_model, synthetic_records
+from conftest import VOCAB_SIZE, make_tokenizer, save_tiny_model, synthetic_records
+from test_persistence import as_format_1
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 fit_module = importlib.import_module("bora_pyro.fit")  # the module: ``bora_pyro.fit`` is also the function
@@ -49,6 +53,8 @@ ERRORS: dict[str, tuple[str, str, str]] = {
     "empty-data": ("empty data file", "is empty", "it needs one document per row"),
     "bad-extension": ("data file that is not .jsonl, .json or .csv", "cannot read", "use a .jsonl, .json or .csv file"),
     "bad-json": ("a line that is not JSON", "not valid JSON", "holds one JSON object per line"),
+    "non-finite-json": ("`NaN` or `Infinity` in a JSON data file (Python reads them, JSON has none)",
+                        "JSON has no NaN or Infinity", "write it as null or as a string"),
     "missing-column": ("no column named by `--task-field`/`--text-field`", "the data has no column",
                        "set --task-field/--text-field"),
     "not-utf8": ("bytes that are not UTF-8", "is not UTF-8 text", "re-save the file as UTF-8"),
@@ -68,6 +74,9 @@ ERRORS: dict[str, tuple[str, str, str]] = {
     "not-causal": ("a model that is not a causal LM (BERT, T5, ...)", "not a causal LM", "BoRA needs a decoder"),
     "no-tokenizer": ("a model folder without a tokenizer", "cannot load the tokenizer",
                      "save one with tokenizer.save_pretrained"),
+    "ignored-tokenizer-json": ("a `tokenizer.json` that transformers ignores for the model type (e.g. qwen2) and "
+                               "that cannot be loaded by itself", "ignores the folder's tokenizer.json",
+                               "so that PreTrainedTokenizerFast(tokenizer_file=...) loads it"),
     "vocabulary": ("a tokenizer with more tokens than the model's embedding", "the tokenizer has",
                    "use the model's own tokenizer"),
     "target-modules": ("`--target-modules` absent from the model", "none of the target modules",
@@ -99,6 +108,8 @@ ERRORS: dict[str, tuple[str, str, str]] = {
                     "continue with bora-pyro fit --resume"),
     "write": ("disk full or read-only folder during a save", "cannot write",
               "its previous version is intact: free disk space or make the folder writable"),
+    "merged-write": ("disk full or read-only folder during `export --format merged`", "cannot write the merged model",
+                     "nothing of it was left there: free disk space or make the folder writable"),
     "out-dir": ("`--out` that cannot be created", "cannot create the folder", "choose a writable --out"),
     "no-checkpoint": ("`--resume` of a run stopped before its first checkpoint", "has no checkpoint yet",
                       "fit it again with --out"),
@@ -112,6 +123,10 @@ ERRORS: dict[str, tuple[str, str, str]] = {
                    "load it with the base model it was fitted on"),
     "newer-version": ("a run written by another major version", "was written by bora-pyro",
                       "load it with that major version"),
+    "newer-format": ("a run directory of a format this bora-pyro cannot read (a newer one wrote it)",
+                     "is of run-directory format", "load the run with the bora-pyro that wrote it"),
+    "old-checkpoint": ("`--resume` of a mean-field or hybrid run of format 1 (scales stored as softplus⁻¹ σ)",
+                       "the optimizer state of those scales cannot be converted", "or fit the run again with --out"),
     # posterior predictive
     "bad-samples": ("`predict --samples` below 1", "--samples must be ≥ 1", "e.g. --samples 32"),
     "bad-interval": ("`predict --interval` outside (0, 1)", "--interval must be between 0 and 1",
@@ -227,6 +242,8 @@ BAD_FILES = {
     "not-utf8": ("data.csv", b"speaker,line\na,caf\xe9 w1\n"),
     "no-task": ("data.jsonl", b'{"line": "w1 w2"}\n{"speaker": "a", "line": "w3"}\n'),
     "no-text": ("data.csv", b'speaker,line\na,""\nb,   \n'),
+    "non-finite-json": ("data.jsonl", b'{"speaker": "a", "line": "w1 NaN"}\n'
+                                      b'{"speaker": "b", "line": "w2", "x": NaN}\n'),
 }
 
 
@@ -253,6 +270,15 @@ def test_non_utf8_jsonl_names_the_line(tmp_path, gpt2_dir):
     path.write_bytes(b'{"task": "a", "text": "w1"}\n{"task": "a", "text": "na\xefve"}\n')
     error = api_error(DataError, "not-utf8", MultiTaskCorpus.from_file, path, load_tokenizer(gpt2_dir))
     assert "byte 0xef on line 2" in str(error)
+
+
+def test_nan_and_infinity_name_their_line(tmp_path, gpt2_dir):
+    path = tmp_path / "array.json"  # "Infinity" in a string is text; -Infinity on line 4 is a number JSON does not have
+    path.write_text('[\n {"speaker": "a", "line": "w1 Infinity"},\n {"speaker": "b",\n'
+                    '  "line": "w2", "x": -Infinity}\n]\n')
+    error = api_error(DataError, "non-finite-json", MultiTaskCorpus.from_file, path, load_tokenizer(gpt2_dir),
+                      task_field="speaker", text_field="line")
+    assert f"{path}, line 4: -Infinity is not a JSON number" in str(error)
 
 
 def test_a_utf8_bom_and_a_json_array_are_read(tmp_path, gpt2_dir):
@@ -376,6 +402,44 @@ def test_adapter_settings_that_do_not_fit_the_model(key, flags, gpt2_dir, data, 
         api_error(ConfigError, key, MultiTaskLM.from_pretrained, gpt2_dir, target_modules=["q_proj"])
     if key == "rank":
         api_error(ConfigError, key, MultiTaskLM.from_pretrained, gpt2_dir, rank=64)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny qwen2 model with the word-level tokenizer, for which transformers 5's AutoTokenizer
+    builds a Qwen2Tokenizer that ignores the folder's tokenizer.json (every text: no tokens)."""
+    folder = tmp_path_factory.mktemp("qwen2") / "model"
+    config = Qwen2Config(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_tokenizer_json_that_auto_tokenizer_ignores_is_loaded_by_itself(qwen2_dir, data, tmp_path, capsys):
+    tokenizer = load_tokenizer(qwen2_dir)
+    assert tokenizer("w1 w2 w39")["input_ids"] == make_tokenizer()("w1 w2 w39")["input_ids"] == [3, 4, 41]
+    assert (tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token) == ("<eos>", "<unk>", "<eos>")
+    code, err = cli(fit_args(qwen2_dir, data, tmp_path / "run", 4), capsys)
+    assert code == 0, err
+
+
+def test_a_tokenizer_that_finds_no_tokens_where_tokenizer_json_does(monkeypatch, gpt2_dir, data, tmp_path, capsys):
+    """Whatever the model type: a tokenizer that ignores the folder's tokenizer.json is replaced by
+    the file, or, if the file cannot be loaded by itself, that is the error."""
+    empty = make_tokenizer()
+    empty.backend_tokenizer.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")  # every text: no tokens
+    monkeypatch.setattr(adapted_lm, "AutoTokenizer", type("Auto", (), {"from_pretrained": lambda path: empty}))
+    assert load_tokenizer(gpt2_dir)("w1 w2 w39")["input_ids"] == [3, 4, 41]
+
+    def unloadable(self, *args, **kwargs):
+        raise ValueError("the file is broken")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "__init__", unloadable)
+    error = api_error(ModelError, "ignored-tokenizer-json", load_tokenizer, gpt2_dir)
+    assert "the file is broken" in str(error)
+    cli_error(fit_args(gpt2_dir, data, tmp_path / "run"), capsys, "ignored-tokenizer-json")
 
 
 def test_a_tokenizer_without_pad_token_pads_with_eos(gpt2_dir, data, tmp_path, capsys):
@@ -634,6 +698,24 @@ def test_a_failed_save_from_python(monkeypatch, run_dir):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("failure", ["disk full", "read-only"])
+def test_a_failed_merged_export_leaves_nothing(failure, monkeypatch, run_dir, tmp_path, capsys):
+    real = PreTrainedModel.save_pretrained
+
+    def save_pretrained(self, folder, *args, **kwargs):
+        if failure == "read-only":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+        real(self, folder, *args, **kwargs)  # the weights are written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_pretrained)
+    out = tmp_path / "exports" / "merged"
+    error = cli_error(["export", run_dir, "--task", "task0", "--format", "merged", "--out", out], capsys,
+                      "merged-write")
+    assert str(out) in error and ("No space left on device" if failure == "disk full" else "Permission denied") in error
+    assert list(out.parent.iterdir()) == []  # no half-written model, no temp folder
+
+
 def test_an_out_dir_that_cannot_be_created(run_dir, gpt2_dir, data, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -674,6 +756,32 @@ def test_a_corrupt_guide_or_config(run_dir, capsys):
     cli_error(["evaluate", run_dir], capsys, "newer-version")
     cli_error(["evaluate", run_dir.parent], capsys, "not-run-dir")
     api_error(CheckpointError, "not-run-dir", load_run, run_dir.parent)
+
+
+def test_a_run_directory_of_a_newer_format(run_dir, capsys):
+    config = json.loads((run_dir / "config.json").read_text())
+    config["format_version"] = 3
+    (run_dir / "config.json").write_text(json.dumps(config))
+    before = snapshot(run_dir)
+    error = cli_error(["evaluate", run_dir], capsys, "newer-format")
+    assert "format 3" in error and "reads formats 1 to 2" in error
+    cli_error(["fit", "--resume", run_dir, "--quiet"], capsys, "newer-format")
+    api_error(CheckpointError, "newer-format", load_run, run_dir)
+    assert snapshot(run_dir) == before
+
+
+def test_resume_of_a_format_1_mean_field_checkpoint_is_refused(gpt2_dir, data, tmp_path, capsys):
+    """Format 1's scales convert exactly (evaluate reads them), their Adam moments do not."""
+    out = tmp_path / "run"
+    assert main(fit_args(gpt2_dir, data, out, 4, "--guide", "mean-field")) == 0
+    code, err = cli(["evaluate", out], capsys)
+    assert code == 0, err
+    assert as_format_1(out)
+    before = snapshot(out)
+    cli_error(["fit", "--resume", out, "--quiet"], capsys, "old-checkpoint")
+    api_error(CheckpointError, "old-checkpoint", load_checkpoint, out)
+    assert snapshot(out) == before
+    assert cli(["evaluate", out], capsys) == (code, err)
 
 
 def test_a_run_of_another_base_model_is_refused(run_dir, tmp_path, capsys):

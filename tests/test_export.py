@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from bora_pyro import ConfigError, export_peft, load_run, merge, save_run
 from bora_pyro.cli import main
-from bora_pyro.export import export_peft_all, peft_index
+from bora_pyro.export import export_peft_all, peft_index, save_merged
 from bora_pyro.packing import FactorLayout
 from bora_pyro.run import RunConfig, build_lm, build_model, init_guide
 
@@ -133,6 +134,28 @@ def test_cli_export(run_dirs, tmp_path, capsys):
 
     assert main(["export", run_dirs["independent"], "--global", "--out", str(tmp_path / "y")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_merged_model_is_moved_into_place(run_dirs, tmp_path):
+    """save_merged writes beside --out, then moves: a new folder whole, an existing one's other files kept."""
+    run = load_run(run_dirs["gpt2"])
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new", existing):
+        assert save_merged(run, out, "task1") == out
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(str(out))(input_ids=INPUT_IDS).logits
+        torch.testing.assert_close(got, bora_logits(run, "task1"), atol=1e-4, rtol=0)
+    assert (existing / "notes.txt").read_text() == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["existing", "new"]  # no temp folder left
+    assert oct((tmp_path / "new").stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_glob_targets_export_full_names(run_dirs, tmp_path):

@@ -2,19 +2,25 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from bora_pyro import MultiTaskCorpus, MultiTaskLM, fit, load_tokenizer
+from bora_pyro import MultiTaskCorpus, MultiTaskLM, fit, load_run, load_tokenizer, save_run
 from bora_pyro.cli import main
-from bora_pyro.guides import map_guide, mean_field_guide
+from bora_pyro.guides import map_guide, mean_field_guide, quantiles
 from bora_pyro.models import BoRA, HierarchicalNormal
-from bora_pyro.run import load_checkpoint, save_checkpoint
+from bora_pyro.run import (
+    CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, RunConfig, build_lm, build_model, init_guide, load_checkpoint,
+    save_checkpoint,
+)
 from conftest import save_tiny_model, synthetic_records
 
 
@@ -123,3 +129,54 @@ def test_newer_major_version_is_refused(fitted_run, capsys):
     config["versions"]["bora_pyro"] = "1.0.0"
     (fitted_run / "config.json").write_text(json.dumps(config))
     assert "written by bora-pyro 1.0.0" in evaluate_error(fitted_run, capsys)
+
+
+def as_format_1(run_dir: Path) -> list[str]:
+    """Rewrite a run directory as bora-pyro wrote it before format 2: no ``format_version`` in its
+    config, and the mean-field scales of its guide and checkpoint as ``scales``/``task_scales`` =
+    softplus⁻¹ σ = log(expm1(σ)) instead of ``log_scales``/``task_log_scales`` = log σ. Returns the
+    renamed parameters of the guide."""
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    del config["format_version"]
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config))
+    renamed = []
+    for name in (GUIDE_FILE, CHECKPOINT_FILE):
+        if not (run_dir / name).is_file():
+            continue
+        with safetensors.safe_open(str(run_dir / name), framework="pt") as file:
+            tensors, metadata = {key: file.get_tensor(key) for key in file.keys()}, file.metadata()
+        old = {}
+        for key, value in tensors.items():
+            old_key = re.sub(r"^((?:guide\.|best\.)?(?:\d+\.)?(?:task_)?)log_scales\.", r"\1scales.", key)
+            old[old_key] = value if old_key == key else torch.log(torch.expm1(value.double().exp())).float()
+            if old_key != key and name == GUIDE_FILE:
+                renamed.append(old_key)
+        safetensors.torch.save_file(old, run_dir / name, metadata=metadata)
+    return renamed
+
+
+@pytest.mark.parametrize("guide, extra", [("mean-field", {}), ("hybrid", {"tau_prior": "lognormal:4.6,1.5"})])
+def test_a_format_1_run_directory_loads_with_the_same_posterior(gpt2_dir, tmp_path, guide, extra):
+    """Format 1 kept the mean-field scales as softplus⁻¹ σ under other names: load_run converts them."""
+    config = RunConfig(model=gpt2_dir, rank=2, alpha=4.0, max_length=32, task_names=["a", "b", "c"], guide=guide,
+                       **extra)
+    lm, tokenizer = build_lm(config)
+    model, fitted = build_model(config, lm)
+    init_guide(fitted, lm, tokenizer.eos_token_id)
+    generator = torch.Generator().manual_seed(0)
+    # scales around σ = 1, where softplus⁻¹ σ and log σ differ (at σ = 1e-3 they hardly do)
+    fitted.load_state_dict({name: 0.5 * torch.randn(value.shape, generator=generator) if "log_scales." in name
+                            else value + 0.3 * torch.randn(value.shape, generator=generator)
+                            for name, value in fitted.state_dict().items()})
+    new = save_run(tmp_path / "new", config, fitted)
+    assert json.loads((new / CONFIG_FILE).read_text())["format_version"] == 2
+    old = Path(shutil.copytree(new, tmp_path / "old"))
+    renamed = as_format_1(old)
+    assert any(".tau" in name for name in renamed) == (guide == "hybrid")
+    assert any(name.startswith(("task_scales.", "1.task_scales.")) for name in renamed)
+
+    expected, got = (quantiles(load_run(path).guide, [0.05, 0.5, 0.95]) for path in (new, old))
+    assert expected.keys() == got.keys()
+    for site in expected:
+        torch.testing.assert_close(got[site], expected[site], rtol=1e-5, atol=1e-6)
+    assert load_run(old).config.format_version == 1
