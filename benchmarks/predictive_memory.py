@@ -1,6 +1,7 @@
 """Peak memory of posterior predictive perplexity as the number of samples S grows.
 
     python benchmarks/predictive_memory.py            # S = 4 and 64, ≈ 2 min on 2 CPU cores
+    python benchmarks/predictive_memory.py --json benchmarks/results/predictive_memory.json
 
 Each measurement runs in a fresh subprocess (peak RSS only grows within a process): build a GPT-2
 shaped model with D = 25 tasks of rank-16 adapters (≈ 25 MB per posterior draw of every task's
@@ -24,6 +25,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 TASKS, DOCS_PER_TASK, LENGTH = 25, 4, 32
 
@@ -70,6 +72,7 @@ def measure(method: str, samples: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, nargs=2, default=[4, 64])
+    parser.add_argument("--json", metavar="FILE", help="also write the measurements and settings as JSON to FILE")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "S"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -92,6 +95,19 @@ def main() -> None:
                   f"{r['growth_mb'] / draw_mb:>15.2f}")
         peak = {s: results[method, s]["baseline_mb"] + results[method, s]["growth_mb"] for s in args.samples}
         print(f"{method:<10}  peak RSS at S={large} / S={small}: {peak[large] / peak[small]:.3f}")
+    if args.json:
+        from bora_pyro.precision import machine_description
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "settings": {"tasks": TASKS, "docs_per_task": DOCS_PER_TASK, "length": LENGTH, "rank": 16,
+                         "gpt2": {"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 512}, "threads": 1},
+            "machine": machine_description("cpu"),
+            "runs": list(results.values()),
+            "peak_ratio": {method: (results[method, large]["baseline_mb"] + results[method, large]["growth_mb"])
+                           / (results[method, small]["baseline_mb"] + results[method, small]["growth_mb"])
+                           for method in ("streamed", "Predictive")},
+        }, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/step_time.py                     # GPT-2-small shape, ≈ 10–11 min on 2 CPU cores
     python benchmarks/step_time.py --quick             # a small shape, ≈ 1 min
-    python benchmarks/step_time.py --json steps.json   # also write the table as JSON
+    python benchmarks/step_time.py --json steps.json   # also the table as JSON (each row with its settings),
+                                                       # and steps.summary.json: D ratios, floats, predictive
 
 Variants, each in a fresh subprocess (peak RSS only grows within a process), on the same base
 model (GPT-2 shape from a config, frozen), LoRA rank r on c_attn/c_proj/c_fc, batches of 8 rows
@@ -255,6 +256,17 @@ def child(args, *extra: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def d_ratio(rows: list[dict], variant: str) -> float:
+    """A variant's ratio to peft at the largest D over its ratio at the smallest."""
+    by_d = {row["D"]: row for row in rows if row["variant"] == variant}
+    return by_d[max(by_d)]["ratio_to_peft"] / by_d[min(by_d)]["ratio_to_peft"]
+
+
+def summary_path(json_path: str) -> str:
+    """Where ``--json FILE`` puts the figures beside the step table: ``FILE``'s stem + ``.summary.json``."""
+    return json_path.removesuffix(".json") + ".summary.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small shape (2 layers × 128), ≈ 1 min")
@@ -263,6 +275,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="write the step table as JSON to FILE")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    started = time.perf_counter()
     shape = SHAPES["quick" if args.quick else "full"]
     if args.child:
         kind, *values = args.child
@@ -285,9 +298,7 @@ def main() -> None:
         print(f"{row['variant']:<11} {row['D']:>4} {row['median_ms']:>9.0f} {row['ratio_to_peft']:>7.2f} "
               f"{row['peak_rss_mb']:>12.0f}")
     for variant in ("map", "mean-field"):
-        by_d = {row["D"]: row for row in rows if row["variant"] == variant}
-        low, high = min(by_d), max(by_d)
-        print(f"{variant}: step at D={high} / D={low}: {by_d[high]['ratio_to_peft'] / by_d[low]['ratio_to_peft']:.3f} "
+        print(f"{variant}: step at D={max(args.tasks)} / D={min(args.tasks)}: {d_ratio(rows, variant):.3f} "
               "(of their ratios to peft)")
     from bora_pyro import MultiTaskLM
 
@@ -301,9 +312,20 @@ def main() -> None:
     print(f"predictive, S={predictive['samples']} draws: {predictive['draws_s']:.2f} s vs {predictive['plain_s']:.2f} s "
           f"for S plain passes: throughput {predictive['plain_s'] / predictive['draws_s']:.3f}× of S plain passes")
     if args.json:
-        with open(args.json, "w") as file:
+        from bora_pyro.precision import machine_description
+
+        settings = {"shape": "quick" if args.quick else "full", **shape, "batch": BATCH, "warmup_rounds": WARMUP,
+                    "tau": TAU, "target_modules": TARGETS, "precision": "float32", "device": "cpu",
+                    "machine": machine_description("cpu")}
+        with open(args.json, "w") as file:  # the rows' keys as they have always been, plus their settings
             json.dump([{key: row[key] for key in ("variant", "D", "median_ms", "ratio_to_peft", "peak_rss_mb")}
-                       for row in rows], file, indent=1)
+                       | settings for row in rows], file, indent=1)
+        summary = {"d_ratio": {variant: d_ratio(rows, variant) for variant in ("map", "mean-field")},
+                   "floats_per_adapter_parameter": floats, "adapter_params_per_task": adapter_params,
+                   "predictive": predictive | {"throughput": predictive["plain_s"] / predictive["draws_s"]},
+                   "minutes": round((time.perf_counter() - started) / 60, 1), **settings}
+        with open(summary_path(args.json), "w") as file:
+            json.dump(summary, file, indent=1)
 
 
 if __name__ == "__main__":
