@@ -12,7 +12,7 @@ gradient checkpointing:
 - base: its parameters × 2 bytes (``--base-dtype bfloat16``);
 - MAP (AutoDelta): Θ and every θ_d as float32 parameters, and Adam's two moments: k = 3;
 - mean-field (AutoNormal): a location and a scale each, and their Adam moments: k = 6
-  (``benchmarks/step_time.py`` measures 6.90 at peak on the CPU, with the step's temporaries);
+  (``benchmarks/step_time.py`` measures 6.85 at peak on the CPU, with the step's temporaries);
 - plus, per step, gradients (and for mean-field draws) of the batch's tasks only, ≤ B + 1 adapters.
 """
 

@@ -48,9 +48,9 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
 class BaseModelConfig:
     """Tokenizer, GPT-2 shape and training recipe of the base LM (all part of the cache key).
 
-    The defaults pretrain in about 10 minutes on 2 idle CPU cores with bf16 hardware (AMX or
-    AVX512_BF16), ~2-4x longer in float32 without it; a step is one batch of
-    ``batch_size x block_size`` tokens.
+    The defaults pretrain in about 12 minutes on 2 CPU cores with AVX512_BF16 (bf16 autocast);
+    a float32 step is 1.7x slower there (``benchmarks/precision_speed.py``); a step is one batch
+    of ``batch_size x block_size`` tokens.
     """
 
     vocab_size: int = 4096  # BPE vocabulary incl. the 256 byte tokens and <|endoftext|>
