@@ -8,9 +8,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from bora_pyro import MultiTaskLM
+from bora_pyro import MultiTaskLM, evaluate
 from bora_pyro.cli import main
-from bora_pyro.run import CONFIG_FILE, GUIDE_FILE, load_run
+from bora_pyro.run import CONFIG_FILE, GUIDE_FILE, load_corpus, load_run
 
 
 def log_likelihood_and_grads(model_dir: str, checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
@@ -51,9 +51,11 @@ def test_fit_on_a_bf16_base_with_checkpointing_keeps_adapters_float32(gpt2_dir, 
     assert (config["base_dtype"], config["gradient_checkpointing"]) == ("bfloat16", True)
     guide = safetensors.torch.load_file(run_dir / GUIDE_FILE)
     assert {tensor.dtype for tensor in guide.values()} == {torch.float32}
-    assert any(float(tensor.abs().max()) > 0.01 for tensor in guide.values())
 
     run = load_run(run_dir)  # loaded as fitted: the base in bf16
     base_weights = [p for name, p in run.lm.model.named_parameters() if "weight" in name]
     assert {p.dtype for p in base_weights} == {torch.bfloat16}
-    assert json.loads((run_dir / "metrics.json").read_text())["test"]["perplexity"] < float("inf")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["perplexity"] < 0.5 * metrics["base_test"]["perplexity"]  # the adapters learned (≈0.3×)
+    reloaded = evaluate(run.model, run.guide, load_corpus(run.config, run.tokenizer), "test")
+    assert reloaded["perplexity"] == pytest.approx(metrics["test"]["perplexity"], rel=1e-6)

@@ -2,10 +2,17 @@
 
 import json
 
+import pyro
 import pytest
+import torch
 
+from bora_pyro import cli_predict, load_run
 from bora_pyro.cli import main
 from bora_pyro.cli_predict import SEPARATOR
+from bora_pyro.data import Batch
+from bora_pyro.generation import generate
+from bora_pyro.predictive import global_factors, guide_draws, new_task_factors, predictive_perplexity
+from bora_pyro.run import load_corpus
 from conftest import synthetic_records
 
 ENTRY_KEYS = {"mean", "median", "ci", "bma", "plugin", "tokens"}
@@ -18,7 +25,7 @@ def run_dir(tmp_path_factory, tiny_model_dirs):
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(num_tasks=3, docs_per_task=20)))
     out = root / "run"
     assert main(["fit", "--model", tiny_model_dirs["gpt2"], "--data", str(data), "--task-field", "speaker",
-                 "--text-field", "line", "--rank", "2", "--steps", "6", "--batch-size", "8", "--lr", "0.05",
+                 "--text-field", "line", "--rank", "2", "--steps", "12", "--batch-size", "8", "--lr", "0.05",
                  "--max-length", "32", "--guide", "mean-field", "--init-scale", "0.05", "--out", str(out),
                  "--quiet"]) == 0
     return out
@@ -29,6 +36,24 @@ def cli_json(args, capsys):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.fixture
+def recorded_factors(monkeypatch):
+    """The ``factors`` each ``bora-pyro generate`` call hands to the real ``generate``."""
+    calls = []
+
+    def recording(lm, tokenizer, factors, *args, **kwargs):
+        calls.append(factors)
+        return generate(lm, tokenizer, factors, *args, **kwargs)
+
+    monkeypatch.setattr(cli_predict, "generate", recording)
+    return calls
+
+
+def same_factors(left, right):
+    return set(left) == set(right) and all(
+        torch.equal(left[name][0], right[name][0]) and torch.equal(left[name][1], right[name][1]) for name in left)
+
+
 def test_predict_prints_intervals_bma_and_plugin_per_task(run_dir, capsys):
     report = cli_json(["predict", str(run_dir), "--samples", "5", "--seed", "1", "--shrinkage"], capsys)
     assert set(report["perplexity"]) == ENTRY_KEYS and set(report["tasks"]) == {"task0", "task1", "task2"}
@@ -36,7 +61,16 @@ def test_predict_prints_intervals_bma_and_plugin_per_task(run_dir, capsys):
     assert report["perplexity"]["plugin"] == pytest.approx(evaluated["perplexity"], rel=1e-6)
     for name, entry in report["tasks"].items():
         assert set(entry) == ENTRY_KEYS and entry["tokens"] == evaluated["tasks"][name]["tokens"]
-        assert entry["ci"][0] < entry["median"] < entry["ci"][1] and entry["bma"] <= entry["mean"]
+    run = load_run(run_dir)  # the library on the same run, split and seed
+    corpus = load_corpus(run.config, run.tokenizer)
+    pyro.set_rng_seed(1)
+    expected = predictive_perplexity(run.model, run.guide, corpus, "test", num_samples=5)
+    assert set(expected["tasks"]) == set(report["tasks"])
+    for got, want in [(report["perplexity"], expected["perplexity"]),
+                      *((report["tasks"][name], expected["tasks"][name]) for name in expected["tasks"])]:
+        assert got["tokens"] == want["tokens"] and got["ci"] == pytest.approx(want["ci"], rel=1e-6)
+        assert {k: got[k] for k in ("mean", "median", "bma", "plugin")} == pytest.approx(
+            {k: want[k] for k in ("mean", "median", "bma", "plugin")}, rel=1e-6)
     assert set(report["shrinkage"]["task0"]) == {"distance", "relative_distance", "spread", "size"}
     again = cli_json(["predict", str(run_dir), "--samples", "5", "--seed", "1", "--shrinkage"], capsys)
     assert again == report  # seeded
@@ -81,9 +115,41 @@ def test_generate_prints_text(run_dir, capsys, flags, count):
                  *flags]) == 0
     texts = capsys.readouterr().out.rstrip("\n").split(SEPARATOR)
     assert len(texts) == count and all(text.startswith("w8 w9") and len(text.split()) > 2 for text in texts)
+    if "--do-sample" not in flags:  # greedy and beam search: exactly the library's texts
+        run = load_run(run_dir)
+        factors = run.model.task_factors(run.guide.median())
+        kwargs = {"num_beams": 3, "num_return_sequences": 2} if "--num-beams" in flags else {}
+        assert texts == generate(run.lm, run.tokenizer, factors, ["w8 w9"], [1], max_new_tokens=5, **kwargs)[0]
 
 
 @pytest.mark.parametrize("which", [["--global"], ["--new-task", "--sample"]])
 def test_generate_from_the_global_or_a_new_task(run_dir, capsys, which):
     texts = cli_json(["generate", str(run_dir), *which, "--prompt", "w1", "--max-new-tokens", "4", "--json"], capsys)
     assert len(texts) == 1 and texts[0].startswith("w1")
+
+
+def test_generate_global_writes_with_theta_at_the_median(run_dir, capsys, recorded_factors):
+    args = ["generate", str(run_dir), "--prompt", "w1", "--max-new-tokens", "4", "--json"]
+    texts = cli_json([*args, "--global"], capsys)
+    run = load_run(run_dir)
+    theta = global_factors(run.model, run.guide.median())
+    assert len(recorded_factors) == 1 and same_factors(recorded_factors[0], theta)
+    assert texts == generate(run.lm, run.tokenizer, theta, ["w1"], [0], max_new_tokens=4)[0]
+    cli_json([*args, "--task", "task1"], capsys)
+    assert len(recorded_factors) == 2 and not same_factors(recorded_factors[1], theta)
+
+
+def test_generate_new_task_sample_draws_a_new_adapter_per_seed(run_dir, capsys, recorded_factors):
+    draws = []
+    for seed in (0, 1, 2):
+        cli_json(["generate", str(run_dir), "--new-task", "--sample", "--seed", str(seed), "--prompt", "w1",
+                  "--max-new-tokens", "4", "--json"], capsys)
+        run = load_run(run_dir)  # fresh, as the CLI's: same random numbers consumed from the seed on
+        pyro.set_rng_seed(seed)
+        values = next(guide_draws(run.guide, Batch.probe(device=run.lm.device), 1))
+        draws.append(new_task_factors(run.model, values, 1))
+        assert len(recorded_factors) == seed + 1 and same_factors(recorded_factors[seed], draws[seed])
+    theta = global_factors(run.model, run.guide.median())
+    for i, left in enumerate([*draws, theta]):
+        for right in [*draws, theta][i + 1:]:
+            assert not same_factors(left, right)

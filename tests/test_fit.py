@@ -19,11 +19,11 @@ def corpus(gpt2_dir):
                            test_size=0.25, validation_size=0.1)
 
 
-def fitted(gpt2_dir, corpus, prior, make_guide=map_guide, steps=120, lr=5e-2):
+def fitted(gpt2_dir, corpus, prior, make_guide=map_guide, steps=120, lr=5e-2, eval_every=40):
     lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=4, alpha=8)
     model = BoRA(lm, prior, corpus.num_tasks)
     guide = make_guide(model)
-    result = fit(model, guide, corpus, steps=steps, batch_size=8, lr=lr, eval_every=40, progress=False)
+    result = fit(model, guide, corpus, steps=steps, batch_size=8, lr=lr, eval_every=eval_every, progress=False)
     return model, guide, result
 
 
@@ -53,15 +53,24 @@ def test_fit_lowers_every_tasks_perplexity_below_the_base(gpt2_dir, corpus, make
 
 
 def test_tau_pulls_tasks_together_and_independent_lets_them_diverge(gpt2_dir, corpus):
+    """At τ = 1e6 every θ_d ends within 1 % of Θ (relative to ‖Θ‖); independent tasks end apart
+    (the farthest > 20 % from their mean).
+
+    The offsets θ_d − Θ are stiff at τ = 1e6: Adam at lr 0.05 first rattles them by about its step,
+    and the rattle dies down as its second moments fill. It dies down more slowly under the batch's
+    task weights w_d = (N/B)·c_d/N_d (here 0.375·c_d: 0 in a step without the task, which then does
+    not move, up to 3) than with every task weighted 1 in every step: max_d ‖θ_d − Θ‖/‖Θ‖ measured
+    after 40/80/120/240 steps, 0.028/0.004/0.003/0.0006 against 0.016/0.001/0.0004/0.0001 (the
+    whole plate every step; the same with the whole training set as the batch). So the fit runs
+    200 steps (0.0005) and keeps its last parameters (one validation check, at the end): the best
+    of early checks, which ``fit`` would restore, can fall inside the rattle."""
     # offsets: Θ moves every task at once (a centred θ_d would move only in the steps that see its task)
-    model, guide, _ = fitted(gpt2_dir, corpus, HierarchicalNormal(1e6, centered=False))
+    model, guide, _ = fitted(gpt2_dir, corpus, HierarchicalNormal(1e6, centered=False), steps=200, eval_every=200)
     theta, values = flat_factors(model, guide), guide.median()
     global_theta = values["global.lora"]  # packed in the same order as flat_factors: module by module, A then B
     tight = float((theta - global_theta).norm(dim=1).max() / global_theta.norm())
     free = distance_from_center(*fitted(gpt2_dir, corpus, Independent())[:2])
-    # not ~0: at τ = 1e6 the offsets are stiff, and Adam at lr 0.05 rattles them by the noise of
-    # the batch's task weights (0 for a task not in the batch, up to N/N_d); full-plate steps: ~0.001
-    assert tight < 0.1 and free > 0.2 and free > 10 * tight, (tight, free)
+    assert tight < 0.01 and free > 0.2, (tight, free)
 
 
 def test_joint_has_one_adapter(gpt2_dir, corpus):

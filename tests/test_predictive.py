@@ -2,6 +2,7 @@
 shrinkage, text generation (bora_pyro.predictive, bora_pyro.generation)."""
 
 import math
+import statistics
 
 import pyro
 import pytest
@@ -14,6 +15,7 @@ from bora_pyro.evaluate import document_log_probs
 from bora_pyro.generation import generate
 from bora_pyro.guides import map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal, Independent, Joint
+from bora_pyro.packing import FactorLayout
 from bora_pyro.predictive import (
     global_factors,
     new_task_factors,
@@ -24,6 +26,8 @@ from bora_pyro.predictive import (
     shrinkage,
 )
 from conftest import synthetic_records
+
+TAU = 10.0  #: the fitted fixture's prior precision
 
 
 @pytest.fixture
@@ -37,7 +41,7 @@ def corpus(gpt2_dir):
 def fitted(gpt2_dir, corpus):
     """A mean-field fit of the tiny GPT-2 on three synthetic tasks, briefly (the factors move off 0)."""
     lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
-    model = BoRA(lm, HierarchicalNormal(tau=10.0), corpus.num_tasks)
+    model = BoRA(lm, HierarchicalNormal(tau=TAU), corpus.num_tasks)
     guide = mean_field_guide(model)
     fit(model, guide, corpus, steps=12, batch_size=8, lr=0.05, progress=False)
     return model, guide
@@ -52,16 +56,14 @@ def set_scales(guide, scale: float) -> None:
 
 
 def test_credible_intervals_shrink_with_the_guide_scale(fitted, corpus):
+    """The interval narrows with the posterior's spread (its formula: test_sample_perplexities_matches_the_formulas)."""
     model, guide = fitted
     widths = []
     for scale in (0.3, 0.03, 0.003):
         set_scales(guide, scale)
         pyro.set_rng_seed(0)
-        report = predictive_perplexity(model, guide, corpus, "test", num_samples=8)
-        widths.append(report["perplexity"]["ci"][1] - report["perplexity"]["ci"][0])
-        for entry in [report["perplexity"], *report["tasks"].values()]:
-            low, high = entry["ci"]
-            assert low <= entry["median"] <= high and entry["bma"] <= entry["mean"] + 1e-9  # Jensen
+        low, high = predictive_perplexity(model, guide, corpus, "test", num_samples=8)["perplexity"]["ci"]
+        widths.append(high - low)
     assert widths[0] > 3 * widths[1] > 9 * widths[2] > 0, widths
 
 
@@ -76,25 +78,48 @@ def test_bma_equals_the_plugin_when_the_guide_has_no_spread(fitted, corpus):
     assert report["perplexity"]["plugin"] == pytest.approx(evaluate(model, guide, corpus, "test")["perplexity"])
 
 
+def expected_summaries(log_probs: list[torch.Tensor], tokens: torch.Tensor, task_ids: list[int],
+                       task_names: list[str]) -> dict:
+    """Per task and ``"all"``: the mean, median and 90 % interval (linear interpolation) of the
+    draws' perplexities and the BMA (per-document log-mean-exp over the draws), from each draw's
+    per-document log-likelihoods [N], written out."""
+    task_ids = torch.tensor(task_ids)
+    bma_log_probs = torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(log_probs))
+    groups = {name: task_ids == d for d, name in enumerate(task_names)} | {"all": torch.ones_like(task_ids, dtype=bool)}
+    expected = {}
+    for name, mask in groups.items():
+        count = int(tokens[mask].sum())
+        per_draw = [math.exp(-float(lp[mask].sum()) / count) for lp in log_probs]
+        cuts = statistics.quantiles(per_draw, n=20, method="inclusive")  # the 5 %, ..., 95 % points
+        expected[name] = {"mean": statistics.fmean(per_draw), "median": statistics.median(per_draw),
+                          "ci": [cuts[0], cuts[-1]], "bma": math.exp(-float(bma_log_probs[mask].sum()) / count),
+                          "tokens": count}
+    return expected
+
+
+def numbers(entry: dict) -> dict:
+    """A summary's numbers, its interval as two keys (``pytest.approx`` compares flat mappings of numbers)."""
+    return {key: entry[key] for key in ("mean", "median", "bma", "tokens")} | dict(zip(("low", "high"), entry["ci"]))
+
+
+def assert_summaries_match(report: dict, expected: dict) -> None:
+    """``report`` (no plug-in) holds the ``expected`` summaries, overall and for exactly the expected tasks."""
+    for name, entry in [("all", report["perplexity"]), *report["tasks"].items()]:
+        assert numbers(entry) == pytest.approx(numbers(expected[name]), rel=1e-9) and entry["plugin"] is None, name
+    assert set(report["tasks"]) == set(expected) - {"all"}
+
+
 def test_sample_perplexities_matches_the_formulas(fitted, corpus):
-    """Two fixed draws: mean of the draws' perplexities, and the BMA's per-document log-mean-exp."""
+    """Five fixed draws: mean, median and 90 % interval of the draws' perplexities, and the BMA's
+    per-document log-mean-exp."""
     model, guide = fitted
     pyro.set_rng_seed(1)
-    draws = list(posterior_factors(model, guide, Batch.probe(), 2))
+    draws = list(posterior_factors(model, guide, Batch.probe(), 5))
     documents = corpus.documents("test")
     report = sample_perplexities(model.lm, iter(draws), documents, corpus.task_names, corpus.pad_token_id)
     log_probs = [document_log_probs(model.lm, draw, documents, corpus.pad_token_id)[0].double() for draw in draws]
     tokens = document_log_probs(model.lm, draws[0], documents, corpus.pad_token_id)[1]
-    task_ids = torch.tensor(documents.task_ids)
-    for d, name in enumerate(corpus.task_names):
-        mask = task_ids == d
-        per_draw = [math.exp(-float(lp[mask].sum()) / int(tokens[mask].sum())) for lp in log_probs]
-        bma_log_probs = torch.logsumexp(torch.stack(log_probs), 0) - math.log(2)
-        assert report["tasks"][name]["mean"] == pytest.approx(sum(per_draw) / 2, rel=1e-9)
-        assert report["tasks"][name]["median"] == pytest.approx(sum(per_draw) / 2, rel=1e-9)
-        assert report["tasks"][name]["bma"] == pytest.approx(
-            math.exp(-float(bma_log_probs[mask].sum()) / int(tokens[mask].sum())), rel=1e-9)
-        assert report["tasks"][name]["plugin"] is None and report["tasks"][name]["tokens"] == int(tokens[mask].sum())
+    assert_summaries_match(report, expected_summaries(log_probs, tokens, documents.task_ids, corpus.task_names))
 
 
 def test_new_tasks_come_from_the_prior_around_the_global_adapter(gpt2_dir, corpus):
@@ -114,17 +139,31 @@ def test_new_tasks_come_from_the_prior_around_the_global_adapter(gpt2_dir, corpu
         global_factors(independent, map_guide(independent)(Batch.probe()))
 
 
-def test_prior_predictive_of_unseen_tasks(fitted, corpus):
+def test_prior_predictive_of_unseen_tasks_matches_adapters_drawn_by_hand(fitted, corpus):
+    """Each of the 6 draws: Θ from the guide, then θ_new = Θ + τ^{-1/2}·ε for each unseen task,
+    drawn here by hand from the same seed and scored document by document: the report's figures
+    are those of these adapters."""
     model, guide = fitted
     unseen = MultiTaskCorpus([(r["speaker"], r["line"]) for r in synthetic_records(num_tasks=2, docs_per_task=5,
                                                                                    seed=3)],
                              corpus.tokenizer, max_length=32, test_size=0.0, validation_size=0.0)
-    report = new_task_perplexity(model, guide, unseen.documents("all"), unseen.task_names, unseen.pad_token_id,
-                                 num_samples=6)
-    assert set(report["tasks"]) == set(unseen.task_names) and report["samples"] == 6
-    assert report["perplexity"]["plugin"] is None
-    low, high = report["perplexity"]["ci"]
-    assert 1 < low < high and report["perplexity"]["bma"] <= report["perplexity"]["mean"]
+    documents = unseen.documents("all")
+    assert model.shared_site_names == ["global.lora"]  # looked up once, before seeding: the look-up draws numbers
+    pyro.set_rng_seed(2)
+    report = new_task_perplexity(model, guide, documents, unseen.task_names, unseen.pad_token_id, num_samples=6)
+    assert report["samples"] == 6
+
+    layout = FactorLayout(model.lm.modules_spec)
+    pyro.set_rng_seed(2)  # the same random numbers
+    log_probs = []
+    for _ in range(6):
+        with torch.no_grad():
+            theta = guide(Batch.probe())["global.lora"]
+            new_tasks = theta + TAU**-0.5 * torch.randn(unseen.num_tasks, layout.size)
+        log_probs.append(document_log_probs(model.lm, layout.unpack(new_tasks), documents,
+                                            unseen.pad_token_id)[0].double())
+    tokens = document_log_probs(model.lm, None, documents, unseen.pad_token_id)[1]
+    assert_summaries_match(report, expected_summaries(log_probs, tokens, documents.task_ids, unseen.task_names))
 
 
 def test_few_shot_fit_touches_only_the_new_tasks(fitted, corpus):
@@ -213,7 +252,8 @@ DECODING = {
 @pytest.mark.parametrize("mode", DECODING)
 def test_generation_decodes_each_prompt_with_its_own_task(tiny_model_dirs, model_type, mode):
     """A batch of prompts of different tasks, expanded by beams or return sequences, gives each
-    prompt the text it gets alone; the tasks' texts differ; the KV cache changes nothing."""
+    prompt the text it gets with its task for every row of the batch, and (decoding deterministically)
+    the text it gets alone; the tasks' texts differ; the KV cache changes nothing."""
     lm = MultiTaskLM.from_pretrained(tiny_model_dirs[model_type], rank=2, alpha=4)
     tokenizer = load_tokenizer(tiny_model_dirs[model_type])
     factors = two_task_factors(lm)
@@ -228,7 +268,9 @@ def test_generation_decodes_each_prompt_with_its_own_task(tiny_model_dirs, model
     per_prompt = kwargs.get("num_return_sequences", 1)
     assert [len(texts) for texts in together] == [per_prompt] * 3
     assert together[0] != together[1]  # same prompt, different adapters
-    if mode != "sampling":  # deterministic decoding: batching, expansion and caching change nothing
+    assert run(prompts, tasks, use_cache=False) == together
+    # every row, however expanded, writes with its prompt's task: as in the same batch with that task for all
+    assert [run(prompts, [task] * len(prompts))[i] for i, task in enumerate(tasks)] == together
+    if mode != "sampling":  # sampling's random numbers depend on the batch's rows; else: as the prompt alone
         assert [run([p], [t])[0] for p, t in zip(prompts, tasks)] == together
-        assert run(prompts, tasks, use_cache=False) == together
     assert all(text.startswith(prompt) for prompt, texts in zip(prompts, together) for text in texts)

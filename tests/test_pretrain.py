@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bora_pyro import pretrain
-from bora_pyro.pretrain import BaseModelConfig, fingerprint, is_complete, load_info, pretrain_base
+from bora_pyro.pretrain import BaseModelConfig, fingerprint, is_complete, load_info, pretrain_base, resolved
 
 NAMES = ["Romeo", "Juliet", "Hamlet", "Ophelia", "Lear", "Cordelia", "Puck", "Oberon"]
 VERBS = ["loves", "doth fear", "hath seen", "shall find", "would kiss", "must leave"]
@@ -29,7 +29,7 @@ def synthetic_texts(n: int = 300, seed: int = 0) -> list[str]:
 
 
 TEXTS = synthetic_texts()
-QUICK = BaseModelConfig.quick()
+QUICK = resolved(BaseModelConfig.quick())  # bf16 decided for this CPU, as pretrain_base keys its cache
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pyro import poutine
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, evaluate_base, fit, load_tokenizer
 from bora_pyro.cli import main
+from bora_pyro.data import Batch
 from bora_pyro.errors import ConfigError
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, param_groups, quantiles
 import bora_pyro.models.priors as priors_module
@@ -214,7 +215,7 @@ def test_map_guide_refuses_a_latent_tau(setup):
 
 @pytest.mark.parametrize("centered", [True, False, 0.0])
 @pytest.mark.parametrize("make_guide", [hybrid_guide, mean_field_guide])
-def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, centered):
+def test_guides_with_a_learned_tau_start_like_lora_and_train(setup, make_guide, centered):
     lm, corpus, batch = setup
     model = BoRA(lm, HierarchicalNormal(dist.LogNormal(math.log(50.0), 0.1), centered=centered), 3)
     guide = make_guide(model)
@@ -241,11 +242,40 @@ def test_guides_with_a_learned_tau_start_like_lora_and_learn(setup, make_guide, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert torch.isfinite(loss) and float(guide.median()["tau"]) != float(values["tau"])
+    assert torch.isfinite(loss)
     bounds = quantiles(guide, [0.05, 0.5, 0.95])  # Θ a point under the hybrid guide: all three equal
     assert bounds["tau"][0] < bounds["tau"][1] < bounds["tau"][2] and set(bounds) == set(guide.median())
     glob = bounds["global.lora"]
     assert torch.equal(glob[0], glob[2]) == (make_guide is hybrid_guide)
+
+
+@pytest.mark.parametrize("make_guide, centered", [(hybrid_guide, True), (mean_field_guide, False)])
+def test_learned_tau_finds_the_precision_of_simulated_task_factors(setup, make_guide, centered):
+    """Task factors simulated around Θ at a known τ = 400 and held fixed (the guide's locations,
+    with tiny scales): SVI on τ's own parameters under the prior's terms alone moves τ from the
+    hyperprior's median 50 to within 15 % of 400 (the 1536 simulated entries pin it to ~4 %).
+    Under ``LocScaleReparam(0)`` the sampled z do not depend on τ: there only the likelihood informs it."""
+    lm, corpus, _ = setup
+    true_tau = 400.0
+    model = BoRA(lm, HierarchicalNormal(dist.LogNormal(math.log(50.0), 2.0), centered=centered), corpus.num_tasks)
+    guide = make_guide(model)
+    batch = Batch.probe()  # no task sizes: the whole tasks plate, every step
+    guide(batch)
+    task_part = guide[1] if make_guide is hybrid_guide else guide
+    key, start = ("task/lora", guide.median()["global.lora"]) if centered else ("task/lora_offset", 0.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for loc, log_scale in zip(task_part.task_locs[key].rows, task_part.task_log_scales[key].rows, strict=True):
+            loc.copy_(start + true_tau**-0.5 * torch.randn(loc.shape, generator=generator))
+            log_scale.fill_(math.log(1e-4))
+    optimizer = torch.optim.Adam([p for name, p in guide.named_parameters() if "tau" in name], lr=0.1)
+    prior_terms = poutine.block(model, hide=["log_likelihood"])
+    for _ in range(100):
+        loss = pyro.infer.Trace_ELBO().differentiable_loss(prior_terms, guide, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(guide.median()["tau"]) == pytest.approx(true_tau, rel=0.15)
 
 
 def contract_example() -> dict:
@@ -334,6 +364,11 @@ def test_custom_prior_example_quick(tmp_path):
     assert any(line.startswith("per-task test perplexity") for line in lines), completed.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"base", "hierarchical", "clustered"}
-    for report in results.values():
-        assert len(report["tasks"]) == 6 and all(ppl > 1 for ppl in report["tasks"].values())
+    base = results["base"]["tasks"]
+    for fitted in ("hierarchical", "clustered"):  # both fits beat the base model on every task
+        assert results[fitted]["tasks"].keys() == base.keys() and len(base) == 6
+        assert all(ppl < base[task] for task, ppl in results[fitted]["tasks"].items()), results[fitted]
     assert results["clustered"]["perplexity"] < results["hierarchical"]["perplexity"] < results["base"]["perplexity"]
+    # the clusters help the two small tasks (5 training documents) most (measured: 14 % and 29 %, the others ≤ 7 %)
+    gain = {task: 1 - results["clustered"]["tasks"][task] / ppl for task, ppl in results["hierarchical"]["tasks"].items()}
+    assert min(gain["north-c"], gain["south-c"]) > max(g for task, g in gain.items() if not task.endswith("-c")), gain
