@@ -117,8 +117,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-#: ``fit`` flags whose dest is not a :class:`RunConfig` field.
-NOT_CONFIG = ("resume", "lr_per_tau", "out", "quiet")
+#: Typed ``fit`` settings (:func:`typed_fit_flags`) that are not :class:`RunConfig` fields.
+NOT_CONFIG = ("lr_per_tau", "out")
 
 
 def typed_fit_flags(args: argparse.Namespace) -> dict:
