@@ -1,4 +1,4 @@
-"""Command line: ``bora-pyro fit|evaluate|export|predict|generate`` (also ``python -m bora_pyro``)."""
+"""Command line: ``bora-pyro fit|evaluate|export|predict|generate|diagnose`` (also ``python -m bora_pyro``)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import transformers
 
 from . import distributed
 from .cli_predict import SEPARATOR, add_generate_arguments, add_predict_arguments, run_generate, run_predict
-from .errors import BoRAError, ConfigError, DataError, FitError, FitInterrupted
+from .errors import BoRAError, CheckpointError, ConfigError, DataError, FitError, FitInterrupted
 from .evaluate import evaluate, evaluate_base
 from .export import check_request, export_peft, export_peft_all, save_merged
+from .diagnostics import diagnose
 from .fit import fit
 from .run import (
-    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, PRIORS, RunConfig, build_lm, build_model,
+    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, PRIORS, RunConfig, build_lm, build_model,
     check_base_model, load_checkpoint, load_corpus, load_run, read_config, save_checkpoint, save_config, save_run,
 )
 
@@ -64,19 +65,23 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                              f"default {defaults.global_scale:g}")
     parser.add_argument("--tau-prior", metavar="SPEC",
                         help="learn τ under this hyperprior instead of fixing it: gamma:SHAPE,RATE or "
-                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; needs --guide hybrid|mean-field, "
-                             "and --log-scale-lr 0.05 for τ to move at --lr 1e-3")
+                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; needs --guide hybrid|mean-field")
     parser.add_argument("--tau-per", choices=("all", "layer", "module", "factor", "module-factor"),
                         help="one τ for all adapted modules (the default), or one per layer, module, "
                              "factor (A vs B) or module and factor")
     centring = parser.add_mutually_exclusive_group()
     centring.add_argument("--non-centered", dest="centered", action="store_const", const=False,
-                          help="sample task offsets θ_d − Θ instead of θ_d (one lr serves every τ)")
+                          help="sample task offsets θ_d − Θ (the default): Θ moves every task at once, and one lr "
+                               "serves every τ")
+    centring.add_argument("--centered", dest="centered", action="store_const", const=True,
+                          help="sample θ_d itself: Θ then moves only through the prior's pull, and learns the "
+                               "shared part slowly")
     centring.add_argument("--decentered", dest="centered", action="store_const", const=0.0,
                           help="sample z ~ Normal(0, 1), θ_d = Θ + τ^(-1/2)·z (LocScaleReparam)")
     parser.add_argument("--guide", choices=GUIDES, help=f"map = the paper's estimator (default {defaults.guide})")
     parser.add_argument("--init-scale", type=float,
-                        help=f"initial standard deviation of the mean-field scales (default {defaults.init_scale:g})")
+                        help="initial standard deviation of every mean-field scale (default: a tenth of each "
+                             "site's prior sd, at most 0.01)")
     parser.add_argument("--rank", type=int, help=f"LoRA rank r (default {defaults.rank})")
     parser.add_argument("--alpha", type=float, help=f"LoRA alpha: the update is (alpha/r)·B A (default {defaults.alpha:g})")
     parser.add_argument("--target-modules", nargs="+",
@@ -95,14 +100,18 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the paper's recipe lr = this × τ (fixed τ only); with Adam the step size does not depend "
                          "on the gradient's scale, so this only reproduces the paper")
     parser.add_argument("--log-scale-lr", type=float,
-                        help="learning rate of the variational scales and of a latent τ (default: --lr); "
-                             "0.05 lets τ move within a few hundred steps")
+                        help="learning rate of the variational scales (log σ) and of a latent τ "
+                             f"(default {defaults.log_scale_lr:g}); never weight-decayed")
     parser.add_argument("--optimizer", choices=("adam", "adamw"), help=f"default {defaults.optimizer}")
     parser.add_argument("--weight-decay", type=float,
                         help="AdamW's decoupled decay of the factors' locations toward 0 (never of scales or τ); "
                              "a task's factors decay only in the steps that see it (default 0)")
     parser.add_argument("--eval-every", type=int, help="steps between validation checks (default: an epoch)")
-    parser.add_argument("--patience", type=int, help="early stopping: checks without improvement")
+    parser.add_argument("--patience", type=int,
+                        help=f"stop after this many validation checks without improvement (default {defaults.patience})")
+    parser.add_argument("--elbo-window", type=int,
+                        help="stop when the ELBO of this many last steps is flat within its noise (default: two "
+                             "validation intervals, at least 100); --steps/--epochs is then a cap")
     parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     parser.add_argument("--device", help=f"cpu, cuda or cuda:N (default {defaults.device})")
     parser.add_argument("--bf16", action="store_const", const=True,
@@ -209,8 +218,8 @@ def run_fit(args: argparse.Namespace) -> dict:
         result = fit(
             model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
             lr=config.lr, log_scale_lr=config.log_scale_lr, optimizer=config.optimizer,
-            weight_decay=config.weight_decay,
-            eval_every=config.eval_every, patience=config.patience, seed=config.seed, bf16=config.bf16,
+            weight_decay=config.weight_decay, eval_every=config.eval_every, patience=config.patience,
+            elbo_window=config.elbo_window, seed=config.seed, bf16=config.bf16,
             progress=not args.quiet, on_checkpoint=lambda state: save_checkpoint(run_dir, state), resume=resume,
         )
     except FitError as error:
@@ -218,7 +227,9 @@ def run_fit(args: argparse.Namespace) -> dict:
     tested = len(corpus.test) > 0  # else test_size=0 or every task too small: nothing to report
     metrics = {
         "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
-        "history": result.history, "tasks": corpus.counts(),
+        "stopped_by": result.stopped_by, "still_improving": result.still_improving,
+        "diagnostics": diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window),
+        "elbo_window": result.elbo_window, "elbos": result.elbos, "history": result.history, "tasks": corpus.counts(),
         "test": evaluate(model, guide, corpus, "test") if tested else None,
         "base_test": evaluate_base(lm, corpus, "test") if tested else None,
     }
@@ -226,6 +237,18 @@ def run_fit(args: argparse.Namespace) -> dict:
         save_run(run_dir, config, guide, metrics)
     return {"run_dir": str(run_dir), "test_perplexity": metrics["test"]["perplexity"] if tested else None,
             "base_test_perplexity": metrics["base_test"]["perplexity"] if tested else None, "steps": result.steps}
+
+
+def run_diagnose(args: argparse.Namespace) -> dict:
+    """``diagnose``'s JSON for a run directory: the ELBO part from its ``metrics.json``, the rest
+    from its guide (see :mod:`bora_pyro.diagnostics`)."""
+    metrics_path = Path(args.run_dir) / METRICS_FILE
+    read_config(args.run_dir)  # a clear error for a folder that is not a run directory
+    if not metrics_path.is_file() or "elbos" not in (metrics := json.loads(metrics_path.read_text())):
+        raise CheckpointError(f"{metrics_path} is missing or holds no per-step ELBOs (the fit has not finished, or an "
+                              "older bora-pyro wrote it): finish or resume the fit, or fit the run again")
+    run = load_run(args.run_dir, device=args.device, keep_start=True)
+    return diagnose(run.model, run.guide, metrics["elbos"], run.start_log_scales, metrics["elbo_window"])
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -303,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_predict_arguments(commands.add_parser(
         "predict", help="per-task perplexity under posterior draws of the adapters: credible intervals, BMA, as JSON"))
     add_generate_arguments(commands.add_parser("generate", help="text from a task's adapter"))
+    diagnose_parser = commands.add_parser(
+        "diagnose", help="whether a fit converged and its posterior moved from its start and prior, as JSON")
+    diagnose_parser.add_argument("run_dir")
+    diagnose_parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     # the CLI prints JSON on stdout and one line per error on stderr: no loading progress bars
     transformers.utils.logging.disable_progress_bar()
@@ -312,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with one_line_warnings(args.command):
             output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export, "predict": run_predict,
-                      "generate": run_generate}[args.command](args)
+                      "generate": run_generate, "diagnose": run_diagnose}[args.command](args)
     except BoRAError as error:
         print(f"bora-pyro {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR

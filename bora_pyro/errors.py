@@ -59,3 +59,7 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name if it has none), to quote it in a one-line error."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit stopped at its step cap while its ELBO or validation perplexity was still improving."""

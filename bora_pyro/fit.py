@@ -3,8 +3,10 @@
 ``fit`` minimises ``Trace_ELBO`` over the guide's parameters with a torch optimizer, on mixed-task
 batches of the training split. With ``AutoDelta`` this is MAP (the paper); with ``AutoNormal`` it
 is mean-field VI. Held-out log-likelihood on the validation split (posterior-median adapters) is
-checked every ``eval_every`` steps; the best parameters are kept and, with ``patience``, training
-stops once it has not improved for that many checks.
+checked every ``eval_every`` steps and the best parameters are kept. A fit stops by its own
+criterion (:mod:`bora_pyro.convergence`): validation has not improved for ``patience`` checks, or
+the ELBO is flat within its noise; the step count is a cap, and a fit the cap stops while it is
+still improving says so (:class:`~bora_pyro.errors.ConvergenceWarning`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import math
 import random
 import signal
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -26,20 +29,35 @@ from tqdm.auto import tqdm
 from . import distributed
 from .allocator import reuse_large_blocks
 from .data import Batch, MultiTaskCorpus
-from .errors import CheckpointError, ConfigError, FitError, FitInterrupted
+from .convergence import ElboTrend, cap_warning, default_window, elbo_trend
+from .errors import CheckpointError, ConfigError, ConvergenceWarning, FitError, FitInterrupted
 from .evaluate import evaluate
+from .diagnostics import site_log_scales
 from .guides import param_groups
 
 
 @dataclass
 class FitResult:
     """What a fit did: ``history`` holds one dict per evaluation (step, ELBO, train and validation
-    perplexity); ``best_step`` is the step whose parameters the guide holds at the end."""
+    perplexity); ``best_step`` is the step whose parameters the guide holds at the end;
+    ``stopped_by`` one of :data:`~bora_pyro.convergence.STOPPED_BY`; ``elbos`` every step's ELBO
+    estimate and ``elbo_trend`` their trend at the end over the last ``elbo_window`` steps; ``still_improving``: the cap stopped a fit
+    that was improving (see :func:`~bora_pyro.convergence.cap_warning`); ``start_log_scales``:
+    the guide's log σ per site at the start (:func:`~bora_pyro.diagnostics.site_log_scales`)."""
 
     steps: int
     best_step: int
-    stopped_early: bool
+    stopped_by: str = "cap"
     history: list[dict] = field(default_factory=list)
+    elbos: list[float] = field(default_factory=list)
+    elbo_trend: ElboTrend | None = None
+    still_improving: bool = False
+    elbo_window: int = 0
+    start_log_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stopped_by != "cap"
 
 
 def paper_lr(tau: float, lr_at_tau_1: float = 1e-5) -> float:
@@ -91,7 +109,8 @@ class TrainState:
 
     ``guide``/``best_guide``/``optimizer`` are state dicts; ``rng`` holds torch's, Python's and
     NumPy's generator states; ``batches`` the :class:`BatchStream` state; ``window`` the running
-    sums since the last check (a checkpoint written on SIGINT/SIGTERM falls between checks).
+    sums since the last check (a checkpoint written on SIGINT/SIGTERM falls between checks);
+    ``elbos`` every step's ELBO so far.
     """
 
     step: int
@@ -105,6 +124,7 @@ class TrainState:
     checks_without_gain: int
     history: list[dict]
     window: dict = field(default_factory=lambda: dict(EMPTY_WINDOW))
+    elbos: list[float] = field(default_factory=list)
 
 
 def window_steps(step: int, eval_every: int) -> int:
@@ -279,11 +299,12 @@ def fit(
     epochs: float | None = None,
     batch_size: int = 8,
     lr: float = 1e-3,
-    log_scale_lr: float | None = None,
+    log_scale_lr: float | None = 0.05,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     eval_every: int | None = None,
-    patience: int | None = None,
+    patience: int | None = 3,
+    elbo_window: int | None = None,
     seed: int = 0,
     bf16: bool = False,
     progress: bool = True,
@@ -304,13 +325,20 @@ def fit(
             holds the task (lazy updates), so a task decays in proportion to its share of the
             data: large tasks shrink toward 0 more than small ones, unlike the prior's shrinkage
             toward Θ. The prior (τ, ``global_scale``) is the regulariser meant for this model.
-        log_scale_lr: when given, the learning rate of the variational scales and of every
+        log_scale_lr: the learning rate of the variational scales (log σ) and of every
             hyperparameter site (a latent τ), ``lr`` staying that of the factors' locations (see
-            :func:`bora_pyro.guides.param_groups`); ~0.05 lets a learned τ move within a few
+            :func:`bora_pyro.guides.param_groups`). Adam moves a parameter by about its lr per
+            step: at the factors' 1e-3, log σ moves by 0.25 in 250 steps and the scales never
+            leave their start; 0.05 (the default) lets them and a learned τ move within a few
             hundred steps. None: ``lr`` for every parameter.
         eval_every: steps between validation checks (default: once per epoch); needs a
             non-empty validation split, otherwise the last parameters are kept.
-        patience: stop after this many checks without improvement (None: never stop early).
+        patience: stop after this many checks without improvement (None: never on validation).
+        elbo_window: stop at a check when the ELBO of the last ``elbo_window`` steps is flat within
+            its noise and that check did not improve validation (:mod:`bora_pyro.convergence`;
+            default: two validation intervals, at least 100 steps). ``steps``/``epochs`` is then
+            a cap; when it stops a fit that is still improving, a
+            :class:`~bora_pyro.errors.ConvergenceWarning` says so and ``still_improving`` is set.
         seed: seeds Pyro, torch and the batch order.
         bf16: bf16 autocast of the forward pass (CUDA, or CPUs with bf16 support such as AMX);
             factors, guide parameters and the likelihood's log-softmax stay float32.
@@ -341,6 +369,7 @@ def fit(
         raise ConfigError(f"the fit must run at least one step, got steps={steps}, epochs={epochs}")
     device = model.lm.device
     eval_every = eval_every or steps_per_epoch
+    elbo_window = elbo_window or default_window(eval_every)
     validate = len(corpus.validation) > 0
 
     rank, num_ranks = distributed.world()
@@ -353,7 +382,7 @@ def fit(
     optim = make_optimizer(optimizer, optimizer_groups(guide, lr, log_scale_lr, weight_decay), lr)
     svi_step = SVIStep(model, guide, optim, autocast)
 
-    result = FitResult(steps=0, best_step=0, stopped_early=False)
+    result = FitResult(steps=0, best_step=0, elbo_window=elbo_window, start_log_scales=site_log_scales(guide))
     best_nll, best_state, checks_without_gain = math.inf, None, 0
     window, checkpoint_step = dict(EMPTY_WINDOW), None
     if resume is not None:
@@ -369,6 +398,7 @@ def fit(
         set_rng_state(resume.rng)
         batches.restore(resume.batches)
         result.steps, result.best_step, result.history = resume.step, resume.best_step, list(resume.history)
+        result.elbos = list(resume.elbos)
         best_nll, best_state, checks_without_gain = resume.best_nll, resume.best_guide, resume.checks_without_gain
         window, checkpoint_step = dict(resume.window), resume.step
 
@@ -381,11 +411,12 @@ def fit(
                 step=step, guide=guide.state_dict(), optimizer=optim.state_dict(), rng=get_rng_state(),
                 batches=batches.state(), best_guide=best_state, best_nll=best_nll, best_step=result.best_step,
                 checks_without_gain=checks_without_gain, history=result.history, window=dict(window),
+                elbos=result.elbos,
             ))
         checkpoint_step = step
 
-    def check(step: int) -> bool:
-        """Record a history entry, validate, checkpoint; whether patience has run out."""
+    def check(step: int) -> str | None:
+        """Record a history entry, validate, checkpoint; what stops the fit now, if anything."""
         nonlocal best_nll, best_state, checks_without_gain
         entry = {
             "step": step,
@@ -406,7 +437,12 @@ def fit(
         result.history.append(entry)
         bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k not in ("step", "epoch")})
         checkpoint(step)
-        return patience is not None and checks_without_gain >= patience
+        if patience is not None and checks_without_gain >= patience:
+            return "patience"
+        trend = elbo_trend(result.elbos, elbo_window)
+        if trend is not None and trend.converged and (not validate or checks_without_gain > 0):
+            return "elbo"
+        return None
 
     bar = tqdm(range(result.steps + 1, total_steps + 1), desc="fit", disable=not (progress and main), dynamic_ncols=True,
                initial=result.steps, total=total_steps)
@@ -420,17 +456,26 @@ def fit(
             window["log_likelihood"] += report.log_likelihood
             window["tokens"] += report.tokens
             window["loss"] += report.loss
+            result.elbos.append(-report.loss)
             result.steps = step
             if progress and step % 10 == 0:
                 bar.set_postfix(elbo=f"{-window['loss'] / window_steps(step, eval_every):.4g}",
                                 train_ppl=f"{window_perplexity(window):.4g}", refresh=False)
 
-            if (step % eval_every == 0 or step == total_steps) and check(step):
-                result.stopped_early = True
-                break
+            if step % eval_every == 0 or step == total_steps:
+                stop = check(step)
+                if stop is not None:
+                    result.stopped_by = stop
+                    break
             if report.interrupted:
                 checkpoint(step)
                 raise FitInterrupted(step)
+    result.elbo_trend = elbo_trend(result.elbos, elbo_window)
+    if result.stopped_by == "cap":
+        message = cap_warning(result.steps, result.elbo_trend, validate and result.best_step == result.steps)
+        result.still_improving = message is not None
+        if message is not None and main:
+            warnings.warn(message, ConvergenceWarning, stacklevel=2)
     if best_state is not None:
         guide.load_state_dict(best_state)
     else:

@@ -28,6 +28,7 @@ from . import __version__
 from .adapted_lm import MultiTaskLM, check_vocabulary, load_tokenizer, weights_fingerprint
 from .data import Batch, MultiTaskCorpus
 from .errors import CheckpointError, ConfigError, WriteError, first_line
+from .diagnostics import site_log_scales
 from .fit import TrainState, check_fit_settings
 from .guides import hybrid_guide, map_guide, mean_field_guide
 from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperprior
@@ -58,9 +59,9 @@ class RunConfig:
     tau_prior: str | None = None  # learn τ under this hyperprior ("gamma:2,0.02"); None: τ = tau
     tau_per: str = "all"
     global_scale: float | None = 1.0
-    centered: bool | float = True  # False: offsets; a float c: LocScaleReparam(centered=c)
+    centered: bool | float = False  # offsets θ_d − Θ; True: θ_d; a float c: LocScaleReparam(centered=c)
     guide: str = "map"
-    init_scale: float = 1e-3
+    init_scale: float | None = None  # start sd of the mean-field scales; None: a tenth of each site's prior sd
     rank: int = 8
     alpha: float = 16.0
     target_modules: list[str] | None = None
@@ -71,11 +72,12 @@ class RunConfig:
     epochs: float | None = None
     batch_size: int = 8
     lr: float = 1e-3
-    log_scale_lr: float | None = None  # lr of variational scales and of a latent τ; None: lr
+    log_scale_lr: float | None = 0.05  # lr of variational scales and of a latent τ; None: lr
     optimizer: str = "adam"
     weight_decay: float = 0.0
     eval_every: int | None = None
-    patience: int | None = None
+    patience: int | None = 3
+    elbo_window: int | None = None  # steps whose ELBO trend stops the fit when flat; None: 2 × eval_every, ≥ 100
     seed: int = 0
     device: str = "cpu"
     bf16: bool = False
@@ -284,13 +286,15 @@ def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None
 
 @dataclass
 class Run:
-    """A loaded run: its config, wrapped LM, tokenizer, model and fitted guide."""
+    """A loaded run: its config, wrapped LM, tokenizer, model and fitted guide (and, when asked
+    for, the guide's log σ per site at its start: :func:`~bora_pyro.diagnostics.site_log_scales`)."""
 
     config: RunConfig
     lm: MultiTaskLM
     tokenizer: object
     model: BoRA
     guide: object
+    start_log_scales: dict[str, torch.Tensor] | None = None
 
 
 def build_model(config: RunConfig, lm: MultiTaskLM) -> tuple[BoRA, object]:
@@ -304,8 +308,9 @@ def init_guide(guide, lm: MultiTaskLM, eos_token_id: int) -> None:
         guide(Batch.probe(eos_token_id, lm.device))
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> Run:
-    """Rebuild a fitted run from its directory (on ``device``, default the run's)."""
+def load_run(run_dir: str | Path, device: str | None = None, keep_start: bool = False) -> Run:
+    """Rebuild a fitted run from its directory (on ``device``, default the run's); with
+    ``keep_start``, also the guide's start scales (the guide starts the same way in every build)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if device is not None:
@@ -315,11 +320,12 @@ def load_run(run_dir: str | Path, device: str | None = None) -> Run:
     check_base_model(config, lm)
     model, guide = build_model(config, lm)
     init_guide(guide, lm, tokenizer.eos_token_id)
+    start_log_scales = site_log_scales(guide) if keep_start else None
     state = read_tensors(run_dir / GUIDE_FILE, lm.device)[0]
     if config.format_version == 1:
         state = format_2_guide_state(state)
     load_guide_state(guide, state, run_dir / GUIDE_FILE)
-    return Run(config, lm, tokenizer, model, guide)
+    return Run(config, lm, tokenizer, model, guide, start_log_scales)
 
 
 def format_2_guide_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -380,6 +386,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState) -> None:
         "rng": {"python": state.rng["python"], "numpy": [numpy_state[0], *numpy_state[2:]]},
         "batches": {"epoch": state.batches["epoch"], "position": state.batches["position"]},
         "window": state.window,
+        "elbos": state.elbos,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     make_dir(Path(run_dir))
@@ -426,4 +433,5 @@ def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> 
         best_nll=meta["best_nll"], best_step=meta["best_step"],
         checks_without_gain=meta["checks_without_gain"], history=meta["history"],
         **({"window": meta["window"]} if "window" in meta else {}),
+        elbos=meta.get("elbos", []),
     )

@@ -23,7 +23,6 @@ hyperparameter sites (see the prior contract in :mod:`bora_pyro.models.priors`);
 
 from __future__ import annotations
 
-import re
 
 import torch
 from pyro import poutine
@@ -34,7 +33,7 @@ from bora_pyro.errors import ConfigError
 from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
 from bora_pyro.models.priors import PACKED, factor_layout, hyperparameter_sites, is_factor_site
 
-from .taskwise import TaskwiseDelta, TaskwiseNormal, unmangled
+from .taskwise import TaskwiseDelta, TaskwiseNormal, is_log_scale, unmangled
 
 __all__ = ["LoRAInit", "TaskwiseDelta", "TaskwiseNormal", "hybrid_guide", "map_guide", "mean_field_guide",
            "param_groups", "quantiles"]
@@ -97,20 +96,36 @@ def map_guide(model, seed: int = 0) -> AutoDelta:
     return TaskwiseDelta(model, init_loc_fn=LoRAInit(seed, model.lm.modules_spec), create_plates=model.tasks_plate)
 
 
-def check_init_scale(init_scale: float) -> None:
-    if not init_scale > 0:
-        raise ConfigError(f"init_scale must be > 0, got {init_scale}")
+#: A mean-field σ starts at this fraction of its site's prior sd (``init_scale=None``) …
+START_FRACTION = 0.1
+#: … and at most at this: Θ's weak prior (sd 1) would otherwise start it at 0.1, which moves the
+#: logits by ~140 % on a GPT-2-small shape (1e-2: ~35 %, 1e-3: ~3 %).
+MAX_START_SCALE = 1e-2
 
 
-def mean_field_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoNormal:
-    """A mean-field Normal over every site, started like LoRA with standard deviation ``init_scale``.
+def check_init_scale(init_scale: float | None) -> None:
+    if init_scale is not None and not init_scale > 0:
+        raise ConfigError(f"init_scale must be > 0 or None (a tenth of each site's prior sd), got {init_scale}")
 
-    Start small: measured on a GPT-2-small shape, ``init_scale=0.1`` moves the logits by ~140 %
-    at init, 1e-2 by ~35 %, 1e-3 by ~3 %. A latent τ starts at its hyperprior's median.
-    """
+
+def taskwise_normal(model, init_scale: float | None, **kwargs) -> TaskwiseNormal:
+    """A :class:`TaskwiseNormal` whose σ start at ``init_scale``, or from the prior when None."""
     check_init_scale(init_scale)
-    return TaskwiseNormal(model, init_loc_fn=LoRAInit(seed, model.lm.modules_spec), init_scale=init_scale,
-                          create_plates=model.tasks_plate)
+    if init_scale is None:
+        return TaskwiseNormal(model, init_scale=MAX_START_SCALE, prior_fraction=START_FRACTION, **kwargs)
+    return TaskwiseNormal(model, init_scale=init_scale, **kwargs)
+
+
+def mean_field_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoNormal:
+    """A mean-field Normal over every site, started like LoRA.
+
+    Each entry's σ starts at :data:`START_FRACTION` (a tenth) of its prior sd given the prior's
+    starting point (τ^{-1/2} for a task entry; a latent τ's log at a tenth of its hyperprior's
+    spread), at most :data:`MAX_START_SCALE`; ``init_scale`` (a float) starts every σ there
+    instead. A latent τ starts at its hyperprior's median.
+    """
+    return taskwise_normal(model, init_scale, init_loc_fn=LoRAInit(seed, model.lm.modules_spec),
+                           create_plates=model.tasks_plate)
 
 
 def is_global(msg: dict) -> bool:
@@ -118,7 +133,7 @@ def is_global(msg: dict) -> bool:
     return msg["type"] == "sample" and msg["name"].startswith("global.")
 
 
-def hybrid_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoGuideList:
+def hybrid_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoGuideList:
     """MAP (``AutoDelta``) for the global factors Θ, mean-field (``AutoNormal``) for every other
     site: the task factors and any hyperparameter such as a latent τ.
 
@@ -126,14 +141,13 @@ def hybrid_guide(model, init_scale: float = 1e-3, seed: int = 0) -> AutoGuideLis
     the entropy of the task factors, which stops the collapse a MAP over τ would suffer. Started
     like LoRA; ``init_scale`` as in :func:`mean_field_guide`.
     """
-    check_init_scale(init_scale)
     init = LoRAInit(seed, model.lm.modules_spec)  # one instance: both parts start from the same kaiming draws
     guide = AutoGuideList(model, create_plates=model.tasks_plate)
     guide.append(TaskwiseDelta(poutine.block(model, expose_fn=is_global), init_loc_fn=init))
     # the inner InitMessenger starts the hidden Θ too, so that task sites defined relative to Θ
     # (offsets, LocScaleReparam) start at Θ's starting value
-    guide.append(TaskwiseNormal(poutine.block(InitMessenger(init)(model), hide_fn=is_global),
-                                init_loc_fn=init, init_scale=init_scale))
+    guide.append(taskwise_normal(poutine.block(InitMessenger(init)(model), hide_fn=is_global), init_scale,
+                                 init_loc_fn=init))
     return guide
 
 
@@ -149,8 +163,7 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
     """
     locations, log_scales = [], []
     for name, parameter in guide.named_parameters():
-        is_location = (is_factor_site(unmangled(name).removesuffix("_unconstrained"))
-                       and re.search(r"(^|\.)(task_)?log_scales\.", name) is None)
+        is_location = is_factor_site(unmangled(name).removesuffix("_unconstrained")) and not is_log_scale(name)
         (locations if is_location else log_scales).append(parameter)
     return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]
 

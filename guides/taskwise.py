@@ -30,6 +30,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.infer.autoguide.guides import AutoGuide
@@ -76,6 +77,40 @@ def task_rows(site: dict, init: torch.Tensor, event_dim: int) -> TaskRows | None
     return None
 
 
+def is_flat(fn: torch.distributions.Distribution) -> bool:
+    """Whether ``fn`` is a flat (improper) prior: a Normal masked out of the log-joint (see
+    :func:`~bora_pyro.models.priors.weak_or_flat`), possibly inside ``Independent``."""
+    while isinstance(fn, (dist.Independent, MaskedDistribution)):
+        if isinstance(fn, MaskedDistribution) and fn._mask is False:
+            return True
+        fn = fn.base_dist
+    return False
+
+
+#: Draws of a constrained site's prior whose unconstrained spread gives its prior sd.
+PRIOR_SD_DRAWS = 1000
+
+
+def unconstrained_prior_sd(fn: torch.distributions.Distribution, value: torch.Tensor) -> torch.Tensor:
+    """The prior standard deviation of every entry of a site, in the guide's unconstrained space:
+    [*value.shape] (inf for a flat prior or an infinite variance, e.g. StudentT with df ≤ 2).
+
+    ``fn.stddev`` for a real site; for a constrained one (a latent τ) the spread of
+    ``PRIOR_SD_DRAWS`` prior draws mapped to the real line, drawn from a fixed seed so that
+    building a guide does not consume the caller's random numbers."""
+    if is_flat(fn):
+        return torch.full_like(value, math.inf)
+    transform = biject_to(fn.support)
+    if is_identity(transform):
+        sd = fn.stddev.detach()
+    else:
+        with torch.random.fork_rng(devices=[value.device] if value.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            sd = transform.inv(fn.sample((PRIOR_SD_DRAWS,)).detach()).std(0)
+    sd = torch.nan_to_num(sd, nan=math.inf)
+    return sd.expand(transform.inv(value).shape).clone()
+
+
 def is_identity(transform) -> bool:
     """Whether ``transform`` (a ``biject_to`` result) maps a real site onto itself."""
     while isinstance(transform, dist.transforms.IndependentTransform):
@@ -86,6 +121,12 @@ def is_identity(transform) -> bool:
 def rows_key(name: str) -> str:
     """A site name as a module key (which cannot hold dots)."""
     return name.replace(".", "/")
+
+
+def is_log_scale(parameter_name: str) -> bool:
+    """Whether a guide parameter holds variational log σ (``log_scales.*``/``task_log_scales.*``,
+    also inside a part ``N.`` of a guide list)."""
+    return re.search(r"(^|\.)(task_)?log_scales\.", parameter_name) is not None
 
 
 def unmangled(parameter_name: str) -> str:
@@ -126,13 +167,32 @@ class TaskwiseMixin:
 
 class TaskwiseNormal(TaskwiseMixin, AutoNormal):
     """:class:`~pyro.infer.autoguide.AutoNormal` with one leaf ``loc`` and ``log_scale`` per task
-    for the sites of the tasks plate (``task_locs`` / ``task_log_scales``). Same arguments.
+    for the sites of the tasks plate (``task_locs`` / ``task_log_scales``). Same arguments, and:
+
+    Args:
+        prior_fraction: when given, every entry's σ starts at ``prior_fraction`` × its prior sd
+            (:func:`unconstrained_prior_sd`, at the prior's starting point: a latent τ at its
+            hyperprior's median), at most ``init_scale``; None: every σ starts at ``init_scale``.
+            A fixed start ignores the prior's scale: at τ = 1e3 the task entries' prior sd is
+            0.032, and a start of 1e-3 is then 30× below it, where Adam needs hundreds of steps
+            at a small lr to reach the posterior's spread.
 
     The scales are kept as log σ (``log_scales`` / ``task_log_scales``), not as Pyro's
     softplus⁻¹ σ: log q then needs Σ log σ, a sum of the parameters, where softplus takes two
     transcendental passes over every [K, P] site (softplus, then log). For the small scales of
     LoRA factors the two hardly differ: softplus⁻¹ σ = log σ + σ/2 + O(σ²).
     """
+
+    def __init__(self, model, *, prior_fraction: float | None = None, **kwargs):
+        super().__init__(model, **kwargs)
+        self.prior_fraction = prior_fraction
+
+    def start_log_scale(self, site: dict, init_loc: torch.Tensor) -> torch.Tensor:
+        """log σ at the start, [*init_loc.shape] (see ``prior_fraction``)."""
+        if self.prior_fraction is None:
+            return torch.full_like(init_loc, math.log(self._init_scale))
+        sd = unconstrained_prior_sd(site["fn"], site["value"].detach()).to(init_loc)
+        return (self.prior_fraction * sd).clamp(max=self._init_scale).log()
 
     def _setup_prototype(self, *args, **kwargs):
         AutoGuide._setup_prototype(self, *args, **kwargs)
@@ -144,7 +204,7 @@ class TaskwiseNormal(TaskwiseMixin, AutoNormal):
                 init_loc = biject_to(site["fn"].support).inv(site["value"].detach()).detach()
             event_dim = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
             self._event_dims[name] = event_dim
-            init_log_scale = torch.full_like(init_loc, math.log(self._init_scale))
+            init_log_scale = self.start_log_scale(site, init_loc)
             locs = task_rows(site, init_loc, event_dim)
             if locs is None:
                 deep_setattr(self.locs, name, PyroParam(init_loc, constraints.real, event_dim))

@@ -259,11 +259,13 @@ class HierarchicalNormal:
             flat Θ leaves the A→cA, B→B/c direction unpinned and the posterior improper.
         centered: how the task factors are parametrised (the model is the same):
 
-            - ``True``: sample θ_d itself at ``task.<m>.<f>``;
-            - ``False``: sample offsets ``δ_d = θ_d − Θ ~ Normal(0, τ^{-1/2})`` at
+            - ``False`` (the default): sample offsets ``δ_d = θ_d − Θ ~ Normal(0, τ^{-1/2})`` at
               ``task.<m>.<f>_offset``; Θ then moves every task at once, so one learning rate
               serves every fixed τ, and a task keeps up with Θ in the training steps whose
-              batch it is not in (a centred θ_d moves only in the steps that see it);
+              batch it is not in (``benchmarks/parametrisation.py``: it learns the shared
+              part as fast as the joint model);
+            - ``True``: sample θ_d itself at ``task.<m>.<f>``; Θ then moves only through the
+              prior's pull, and a centred θ_d only in the steps that see it;
             - a float c in [0, 1]: ``poutine.reparam`` with ``LocScaleReparam(centered=c)``, which
               samples ``task.<m>.<f>_decentered`` ~ Normal(c·Θ, τ^{-c/2}) and sets
               θ_d = Θ + τ^{-(1-c)/2}·(z − c·Θ). ``0.0`` is fully non-centred, z ~ Normal(0, 1): τ
@@ -280,7 +282,7 @@ class HierarchicalNormal:
         self,
         tau: TauValue | Mapping[str, TauValue],
         global_scale: float | None = 1.0,
-        centered: bool | float = True,
+        centered: bool | float = False,
         tau_per: str | TauGroup = "all",
         packed: bool = True,
     ):
@@ -351,7 +353,7 @@ class HierarchicalStudentT(HierarchicalNormal):
         tau: TauValue | Mapping[str, TauValue],
         df: float = 3.0,
         global_scale: float | None = 1.0,
-        centered: bool | float = True,
+        centered: bool | float = False,
         tau_per: str | TauGroup = "all",
         packed: bool = True,
     ):
@@ -412,7 +414,7 @@ def sample_factors(level: str, modules: Sequence[AdaptedModule], scale: float | 
         for factor in FACTORS) for module in modules}
 
 
-def prior_from_tau(tau: TauValue, global_scale: float | None = 1.0, centered: bool | float = True, packed: bool = True):
+def prior_from_tau(tau: TauValue, global_scale: float | None = 1.0, centered: bool | float = False, packed: bool = True):
     """τ = 0 → :class:`Independent`, τ = ∞ → :class:`Joint`, else :class:`HierarchicalNormal`
     (a distribution: τ learned under that hyperprior)."""
     if isinstance(tau, (int, float)) and tau == 0:

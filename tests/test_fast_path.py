@@ -64,7 +64,7 @@ def test_task_weights_are_documents_over_task_size():
 
 def test_map_loss_and_gradients_match_the_written_out_terms(setup):
     lm, corpus = setup
-    model = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE), corpus.num_tasks)
+    model = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE, centered=True), corpus.num_tasks)
     batch = corpus.train.collate([0, 2, 9, 12], corpus.pad_token_id)  # tasks 0, 0, 1, 1: tasks 2 and 3 absent
     guide = perturbed_guide(model, map_guide, batch)
     loss = Trace_ELBO().differentiable_loss(model, guide, batch)
@@ -87,7 +87,7 @@ def test_map_loss_and_gradients_match_the_written_out_terms(setup):
 
 def test_mean_field_loss_and_gradients_match_the_written_out_terms(setup):
     lm, corpus = setup
-    model = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE), corpus.num_tasks)
+    model = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE, centered=True), corpus.num_tasks)
     batch = corpus.train.collate([1, 10, 15, 20], corpus.pad_token_id)  # tasks 0, 1, 2, 3 (sizes 9, 5, 3, 7)
     guide = perturbed_guide(model, mean_field_guide, batch)
     guide_trace = poutine.trace(guide).get_trace(batch)
@@ -124,7 +124,7 @@ def test_an_epoch_of_fast_steps_is_the_full_gradient_of_the_per_module_model(set
     """Σ_batches (B_b / N) · ∇(fast loss of batch b) = ∇(−log joint of all documents and all tasks),
     the latter computed by the per-module model on the full tasks plate: unbiased, and the same model."""
     lm, corpus = setup
-    fast = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE), corpus.num_tasks)
+    fast = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE, centered=True), corpus.num_tasks)
     batches = list(corpus.train.batches(6, corpus.pad_token_id, shuffle=True, generator=torch.Generator().manual_seed(0)))
     guide = perturbed_guide(fast, map_guide, batches[0])
     for batch in batches:
@@ -136,7 +136,7 @@ def test_an_epoch_of_fast_steps_is_the_full_gradient_of_the_per_module_model(set
               "task.lora": torch.stack(list(rows)).detach()}
     per_module = {name: value.clone().requires_grad_()
                   for name, value in per_module_values(packed, lm.modules_spec).items() if name not in packed}
-    reference = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE, packed=False), corpus.num_tasks)
+    reference = BoRA(lm, HierarchicalNormal(TAU, global_scale=GLOBAL_SCALE, centered=True, packed=False), corpus.num_tasks)
     everything = corpus.train.collate(range(len(corpus.train)), corpus.pad_token_id)
     everything.task_sizes = None  # the full tasks plate, every task every time
     trace = poutine.trace(poutine.condition(reference, per_module)).get_trace(everything)
@@ -153,10 +153,10 @@ def test_an_epoch_of_fast_steps_is_the_full_gradient_of_the_per_module_model(set
 
 def test_a_fit_step_updates_only_the_batch_tasks(setup):
     lm, corpus = setup
-    model = BoRA(lm, HierarchicalNormal(TAU), corpus.num_tasks)
+    model = BoRA(lm, HierarchicalNormal(TAU, centered=True), corpus.num_tasks)
     guide = mean_field_guide(model)
     fit(model, guide, corpus, steps=1, batch_size=2, lr=0.1, progress=False, seed=4)
-    start = mean_field_guide(BoRA(lm, HierarchicalNormal(TAU), corpus.num_tasks))
+    start = mean_field_guide(BoRA(lm, HierarchicalNormal(TAU, centered=True), corpus.num_tasks))
     start(corpus.train.collate([0], corpus.pad_token_id))
     moved = [not torch.equal(guide.task_locs["task/lora"].rows[d], start.task_locs["task/lora"].rows[d])
              for d in range(corpus.num_tasks)]
@@ -168,11 +168,11 @@ def test_guides_own_their_parameters(setup):
     """Two guides in one process do not share tensors (Pyro's global param store would)."""
     lm, corpus = setup
     batch = corpus.train.collate([0], corpus.pad_token_id)
-    first = map_guide(BoRA(lm, HierarchicalNormal(TAU), corpus.num_tasks))
+    first = map_guide(BoRA(lm, HierarchicalNormal(TAU, centered=True), corpus.num_tasks))
     first(batch)
     with torch.no_grad():
         first.get_parameter("global.lora_unconstrained").fill_(math.pi)
-    second = map_guide(BoRA(lm, HierarchicalNormal(TAU), corpus.num_tasks))
+    second = map_guide(BoRA(lm, HierarchicalNormal(TAU, centered=True), corpus.num_tasks))
     second(batch)
     assert not torch.equal(second.median()["global.lora"], first.median()["global.lora"])
     assert {id(p) for p in first.parameters()}.isdisjoint(id(p) for p in second.parameters())

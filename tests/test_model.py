@@ -33,9 +33,9 @@ def random_site_values(lm, num_tasks, prior):
 def test_log_joint_equals_formula(setup, global_scale):
     lm, corpus, batch = setup
     tau, num_tasks = 7.0, corpus.num_tasks
-    prior = HierarchicalNormal(tau, global_scale=global_scale)
+    prior = HierarchicalNormal(tau, global_scale=global_scale, centered=True)
     model = BoRA(lm, prior, num_tasks)
-    values = random_site_values(lm, num_tasks, HierarchicalNormal(tau, global_scale=1.0))
+    values = random_site_values(lm, num_tasks, HierarchicalNormal(tau, global_scale=1.0, centered=True))
     log_joint = poutine.trace(poutine.condition(model, values)).get_trace(batch).log_prob_sum()
 
     values = per_module_values(values, lm.modules_spec)
@@ -64,11 +64,11 @@ def test_priors_emit_their_sites(setup):
         trace = poutine.trace(BoRA(lm, prior, 3)).get_trace(batch)
         return {name for name, _ in trace.iter_stochastic_nodes()} - {"docs", "tasks"}  # plate subsample sites
 
-    assert site_names(HierarchicalNormal(5.0)) == {"global.lora", "task.lora"}
-    assert site_names(HierarchicalNormal(5.0, centered=False)) == {"global.lora", "task.lora_offset"}
+    assert site_names(HierarchicalNormal(5.0)) == {"global.lora", "task.lora_offset"}  # offsets: the default
+    assert site_names(HierarchicalNormal(5.0, centered=True)) == {"global.lora", "task.lora"}
     assert site_names(Independent()) == {"task.lora"} and site_names(Joint()) == {"global.lora"}
     module = lm.modules_spec[0].name
-    per_module = site_names(HierarchicalNormal(5.0, packed=False))
+    per_module = site_names(HierarchicalNormal(5.0, centered=True, packed=False))
     assert {f"global.{module}.lora_A", f"task.{module}.lora_A", f"task.{module}.lora_B"} <= per_module
     assert len(per_module) == 4 * len(lm.modules_spec)
     offsets = site_names(HierarchicalNormal(5.0, centered=False, packed=False))
@@ -84,11 +84,11 @@ def test_task_sites_have_the_batch_tasks_as_batch_shape(setup):
     size = lm.num_adapter_params
     for doc_ids, num_tasks in [([0, 4, 7], 3), ([0, 1, 7], 2)]:
         trace = poutine.trace(BoRA(lm, HierarchicalNormal(5.0), 3)).get_trace(corpus.train.collate(doc_ids, 0))
-        site = trace.nodes["task.lora"]
+        site = trace.nodes["task.lora_offset"]
         assert site["value"].shape == (num_tasks, size)
         assert site["fn"].batch_shape == (num_tasks,) and site["fn"].event_shape == (size,)
         assert trace.nodes["global.lora"]["value"].shape == (size,)
-    trace = poutine.trace(BoRA(lm, HierarchicalNormal(5.0, packed=False), 3)).get_trace(batch)
+    trace = poutine.trace(BoRA(lm, HierarchicalNormal(5.0, centered=True, packed=False), 3)).get_trace(batch)
     spec = lm.modules_spec[0]
     site = trace.nodes[f"task.{spec.name}.lora_A"]
     assert site["value"].shape == (3, *spec.shape_A)
@@ -99,7 +99,7 @@ def test_task_sites_have_the_batch_tasks_as_batch_shape(setup):
 @pytest.mark.parametrize("make_guide", [map_guide, mean_field_guide])
 def test_guides_start_like_lora_with_tasks_at_the_global_value(setup, make_guide):
     lm, corpus, batch = setup
-    model = BoRA(lm, HierarchicalNormal(5.0), 3)
+    model = BoRA(lm, HierarchicalNormal(5.0, centered=True), 3)
     guide = make_guide(model)
     guide(batch)
     values = per_module_values(guide.median(), lm.modules_spec)

@@ -121,7 +121,7 @@ def joint(values, modules):
 
 
 CASES = {
-    "learned tau": (lambda: HierarchicalNormal(dist.Gamma(2.0, 0.5), global_scale=0.5), {"tau": 3.0},
+    "learned tau": (lambda: HierarchicalNormal(dist.Gamma(2.0, 0.5), global_scale=0.5, centered=True), {"tau": 3.0},
                     hierarchical_gamma),
     "per-module tau, offsets": (
         lambda: HierarchicalNormal(dist.LogNormal(1.0, 0.5), tau_per="module", centered=False),
@@ -129,8 +129,9 @@ CASES = {
     "per-factor tau, LocScaleReparam": (
         lambda: HierarchicalNormal({"A": 4.0, "B": dist.Gamma(3.0, 1.0)}, global_scale=None, centered=0.0,
                                    tau_per="factor"), {"tau.B": 2.5}, per_factor_decentered),
-    "student-t": (lambda: HierarchicalStudentT(3.0, df=4.0), {}, student_t),
-    "shared A": (lambda: HierarchicalNormal({"A": math.inf, "B": dist.LogNormal(0.0, 1.0)}, tau_per="factor"),
+    "student-t": (lambda: HierarchicalStudentT(3.0, df=4.0, centered=True), {}, student_t),
+    "shared A": (lambda: HierarchicalNormal({"A": math.inf, "B": dist.LogNormal(0.0, 1.0)}, tau_per="factor",
+                                         centered=True),
                  {"tau.B": 0.5}, shared_A),
     "independent": (lambda: Independent(0.7), {}, independent),
     "joint": (lambda: Joint(0.3), {}, joint),
@@ -203,7 +204,7 @@ def test_missing_group_and_hyperprior_spec(setup):
     assert isinstance(gamma, dist.Gamma) and float(gamma.mean) == pytest.approx(100.0)
     assert isinstance(lognormal, dist.LogNormal) and float(lognormal.loc) == pytest.approx(4.6)
     assert repr(HierarchicalNormal(gamma, tau_per="module")) == (
-        "HierarchicalNormal(tau=Gamma(concentration=2, rate=0.02), global_scale=1.0, centered=True, tau_per='module')")
+        "HierarchicalNormal(tau=Gamma(concentration=2, rate=0.02), global_scale=1.0, centered=False, tau_per='module')")
 
 
 def test_map_guide_refuses_a_latent_tau(setup):

@@ -62,7 +62,35 @@ def test_in_python(in_python):
     """It prints the test perplexity overall and of every task."""
     report, corpus = in_python["report"], in_python["corpus"]
     assert set(report["tasks"]) == set(corpus.task_names) == {"task0", "task1", "task2"}
-    assert in_python["printed"] == f"{report['perplexity']} {report['tasks']}\n"
+    assert in_python["printed"].splitlines()[0] == f"{report['perplexity']} {report['tasks']}"
+
+
+def test_in_python_the_mean_field_posterior_is_fitted(in_python):
+    """The block's mean-field fit stops by its own criterion and its task scales moved from their
+    start and contracted below the prior (the diagnostics it prints)."""
+    from bora_pyro.diagnostics import diagnose
+
+    result, model, guide = in_python["result"], in_python["model"], in_python["guide"]
+    report = diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window)
+    assert in_python["printed"].splitlines()[1] == f"{result.stopped_by} {report}"
+    task = report["sites"]["task"]
+    assert task["scales_moved"] > 0.5
+    assert 0 <= task["contraction"] < 1
+
+
+def test_the_command_line_fit_and_diagnose(gpt2_dir, speeches, tmp_path, capsys):
+    """The README's two commands, on the tiny model: diagnose shows fitted task scales."""
+    text = README.read_text()
+    block = re.search(r"```bash\n(bora-pyro fit --model gpt2 .*?)```", text, flags=re.DOTALL).group(1)
+    block = substituted(block, {"gpt2": gpt2_dir, "speeches.jsonl": str(speeches), "--max-length 256": "--max-length 32",
+                                "runs/speakers": str(tmp_path / "run")})
+    fit_line, diagnose_line = block.replace("\\\n", " ").strip().splitlines()
+    assert main(fit_line.split()[1:] + ["--quiet"]) == 0
+    capsys.readouterr()
+    assert main(diagnose_line.split()[1:]) == 0
+    task = json.loads(capsys.readouterr().out)["sites"]["task"]
+    assert task["scales_moved"] > 0.5
+    assert 0 <= task["contraction"] < 1
 
 
 def test_write_your_own_prior(in_python):

@@ -1,0 +1,140 @@
+"""Whether a fitted guide is a fitted posterior: the ELBO's convergence, and each group of latent
+entries' posterior spread against its prior's (``bora-pyro diagnose``, ``metrics.json``).
+
+For a group G of factor entries (``global``, ``task``, a prior's own level such as ``cluster``,
+or ``task.<group>`` per τ group of a :class:`~bora_pyro.models.HierarchicalNormal` with
+``tau_per``), with guide scales σ_i, start scales σ_i⁰ and conditional prior sds s_i (the prior
+at the guide's median: τ^{-1/2} for a task entry, at τ's posterior median when τ is learned):
+
+    posterior_sd_mean/min/max = mean/min/max σ_i
+    prior_sd                  = sqrt(mean s_i²)                (null for a flat prior)
+    contraction               = 1 − mean σ_i² / prior_sd²      (1: the data pinned it; 0: prior's spread)
+    scales_moved              = share of i with |log σ_i − log σ_i⁰| > log 2
+
+A point-mass (MAP) guide has no scales: its groups report ``prior_sd`` and nulls. Hyperparameter
+sites (a latent τ) get their posterior median and 90 % interval.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoGuideList
+
+from .convergence import elbo_trend
+from .guides import quantiles
+from .guides.taskwise import TaskwiseNormal, unconstrained_prior_sd
+from .models.priors import FACTORS, PACKED, HierarchicalNormal, factor_layout, is_factor_site, latent_sites
+
+MOVED = math.log(2)  #: a scale "moved" when its log left its start by more than this
+
+
+def normal_parts(guide) -> list[TaskwiseNormal]:
+    """The mean-field parts of a guide (itself, or those of an ``AutoGuideList``)."""
+    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+    return [part for part in parts if isinstance(part, TaskwiseNormal)]
+
+
+def site_log_scales(guide) -> dict[str, torch.Tensor]:
+    """Copies of the guide's log σ per mean-field site, stacked over all tasks ([D, ...] for a task site)."""
+    return {name: part._get_loc_and_scale(name)[1].detach().log().clone()
+            for part in normal_parts(guide) for name, _ in part.prototype_trace.iter_stochastic_nodes()}
+
+
+def entry_groups(prior, modules, name: str) -> list[tuple[str, slice]]:
+    """The groups of a factor site's entries along its last dim: ``[(group, slice)]``.
+
+    A site is one group named by its level (``global.lora`` → ``global``), except the task sites
+    of a :class:`HierarchicalNormal` with one τ per group, split into ``task.<group>``."""
+    level = name.split(".", 1)[0]
+    per_group = isinstance(prior, HierarchicalNormal) and prior.precision.per != "all"
+    if level != "task" or not per_group:
+        return [(level, slice(None))]
+    group_of, rest = prior.precision.group, name.split(".", 1)[1]
+    if re.fullmatch(rf"{PACKED}(_offset|_decentered)?", rest):
+        return [(f"task.{group_of(s.module, s.factor)}", slice(s.offset, s.offset + s.numel))
+                for s in factor_layout(tuple(modules)).segments]
+    module_name, factor_name = rest.rsplit(".", 1)
+    module = next(m for m in modules if m.name == module_name)
+    factor = next(f for f in FACTORS if factor_name.startswith(f))
+    return [(f"task.{group_of(module, factor)}", slice(None))]
+
+
+def conditional_prior_sds(model, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every latent site's prior sd given the other sites at ``values`` (inf where flat)."""
+    with poutine.block():
+        trace = poutine.trace(poutine.condition(model.prior, data=values)).get_trace(
+            model.lm.modules_spec, model.tasks_plate())
+    return {name: unconstrained_prior_sd(site["fn"], site["value"]) for name, site in trace.nodes.items()
+            if name in values and site["type"] == "sample"}
+
+
+def site_groups(model, guide, start_log_scales: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The ``sites`` part of :func:`diagnose`: one summary per group of factor entries."""
+    medians = {name: value.detach() for name, value in guide.median().items()}
+    prior_sds = conditional_prior_sds(model, medians)
+    log_scales = site_log_scales(guide)
+    sums: dict[str, dict[str, float]] = {}
+    for name, prior_sd in prior_sds.items():
+        if not is_factor_site(name):
+            continue
+        for group, entries in entry_groups(model.prior, model.lm.modules_spec, name):
+            total = sums.setdefault(group, {"count": 0, "prior_var": 0.0, "var": 0.0, "sd_min": math.inf,
+                                            "sd_max": 0.0, "moved": 0, "flat": False, "has_scales": False})
+            prior_part = prior_sd[..., entries]
+            total["count"] += prior_part.numel()
+            total["flat"] |= bool(torch.isinf(prior_part).any())
+            total["prior_var"] += float(prior_part.double().square().sum())
+            if name in log_scales:
+                log_sd, start = log_scales[name][..., entries], start_log_scales[name][..., entries]
+                sd = log_sd.double().exp()
+                total["has_scales"] = True
+                total["var"] += float(sd.square().sum())
+                total["sd_min"] = min(total["sd_min"], float(sd.min()))
+                total["sd_max"] = max(total["sd_max"], float(sd.max()))
+                total["moved"] += int(((log_sd - start).abs() > MOVED).sum())
+    return {group: summary(total) for group, total in sums.items()}
+
+
+def summary(total: dict) -> dict:
+    count = total["count"]
+    prior_sd = None if total["flat"] else math.sqrt(total["prior_var"] / count)
+    if not total["has_scales"]:
+        return {"posterior_sd_mean": None, "posterior_sd_min": None, "posterior_sd_max": None,
+                "prior_sd": prior_sd, "contraction": None, "scales_moved": None, "entries": count}
+    posterior_var = total["var"] / count
+    return {
+        "posterior_sd_mean": math.sqrt(posterior_var), "posterior_sd_min": total["sd_min"],
+        "posterior_sd_max": total["sd_max"], "prior_sd": prior_sd,
+        "contraction": None if prior_sd is None else 1 - posterior_var / prior_sd**2,
+        "scales_moved": total["moved"] / count, "entries": count,
+    }
+
+
+def hyperparameters(model, guide) -> dict[str, dict]:
+    """Posterior median and 90 % interval of every hyperparameter site (a latent τ)."""
+    names = [name for name in latent_sites(model.prior, model.lm.modules_spec, model.tasks_plate())
+             if not is_factor_site(name)]
+    if not names:
+        return {}
+    values = quantiles(guide, [0.05, 0.5, 0.95])
+    return {name: {"median": float(values[name][1]), "ci90": [float(values[name][0]), float(values[name][2])]}
+            for name in names}
+
+
+def diagnose(model, guide, elbos: Sequence[float], start_log_scales: dict[str, torch.Tensor],
+             elbo_window: int) -> dict:
+    """``{"elbo": ..., "sites": {GROUP: ...}, "hyper": {NAME: ...}}`` (see the module docstring):
+    ``elbos`` are the fit's per-step ELBOs (:attr:`~bora_pyro.fit.FitResult.elbos`),
+    ``start_log_scales`` the guide's log σ at its start (:func:`site_log_scales` before fitting)."""
+    trend = elbo_trend(elbos, elbo_window)
+    elbo = trend.to_json() if trend is not None else {
+        "converged": False, "final": None, "slope_per_100_steps": None, "noise_sd": None, "window": len(elbos),
+        "rising": False}
+    with torch.no_grad():
+        return {"elbo": elbo, "sites": site_groups(model, guide, start_log_scales),
+                "hyper": hyperparameters(model, guide)}
