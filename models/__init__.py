@@ -5,9 +5,13 @@
   or not), :class:`HierarchicalStudentT` (heavy-tailed tasks), :class:`Independent` (τ → 0),
   :class:`Joint` (τ → ∞), :func:`prior_from_tau`; :class:`Precision` is the τ part on its own.
   The prior contract, for writing your own, is in :mod:`.priors`.
+- The published code's objective (:mod:`.paper_prior`): :class:`PaperNormPrior` (its norm
+  penalty τ_p·‖θ_d − Θ‖ as a prior, :class:`RadialLaplace`), :func:`paper_task_weights` (its
+  per-task mean-NLL weighting, for ``BoRA(..., task_weights=...)``), :func:`equivalent_tau`.
 """
 
 from .bora import BoRA
+from .paper_prior import PaperNormPrior, RadialLaplace, equivalent_tau, paper_task_weights
 from .priors import (
     HierarchicalNormal,
     HierarchicalStudentT,
@@ -22,6 +26,7 @@ from .priors import (
 )
 
 __all__ = [
-    "BoRA", "HierarchicalNormal", "HierarchicalStudentT", "Independent", "Joint", "Precision",
-    "hyperparameter_sites", "parse_hyperprior", "prior_from_tau", "shared_sites", "site_name",
+    "BoRA", "HierarchicalNormal", "HierarchicalStudentT", "Independent", "Joint", "PaperNormPrior", "Precision",
+    "RadialLaplace", "equivalent_tau", "hyperparameter_sites", "paper_task_weights", "parse_hyperprior",
+    "prior_from_tau", "shared_sites", "site_name",
 ]

@@ -76,6 +76,10 @@ class BoRA:
         lm: the frozen LM with multi-task LoRA layers.
         prior: a prior object (see ``bora_pyro.models.priors`` for the contract).
         num_tasks: D, the number of tasks.
+        task_weights: [D] float, optional: each document's log-likelihood in the objective is
+            multiplied by its task's weight, e.g. :func:`~bora_pyro.models.paper_prior.paper_task_weights`
+            (the published code's per-task mean token NLL). The returned log-likelihoods, which
+            ``fit`` reports as training perplexity, stay unweighted.
 
     Calling the model on a :class:`~bora_pyro.data.Batch` samples the factors from the prior and
     scores the batch's documents; it returns their log-likelihoods, [batch]. A batch that knows
@@ -86,8 +90,9 @@ class BoRA:
     likelihood by ``Batch.likelihood_scale``.
     """
 
-    def __init__(self, lm: MultiTaskLM, prior: Prior, num_tasks: int):
+    def __init__(self, lm: MultiTaskLM, prior: Prior, num_tasks: int, task_weights: torch.Tensor | None = None):
         self.lm, self.prior, self.num_tasks = lm, prior, num_tasks
+        self.task_weights = None if task_weights is None else checked_weights(task_weights, num_tasks, lm.device)
 
     def tasks_plate(self, batch: Batch | None = None) -> pyro.plate:
         """The plate of all D tasks, or of ``batch``'s tasks (:class:`TaskSubsample`) when the
@@ -109,7 +114,8 @@ class BoRA:
             log_likelihood = self.lm.sequence_log_prob(batch.input_ids, batch.attention_mask)
         with pyro.plate("docs", batch.num_docs, subsample=batch.doc_ids, device=self.lm.device), \
                 poutine.scale(scale=batch.likelihood_scale):
-            pyro.factor("log_likelihood", log_likelihood)
+            weights = 1.0 if self.task_weights is None else self.task_weights[batch.task_ids]
+            pyro.factor("log_likelihood", log_likelihood * weights)
         return log_likelihood
 
     def task_factors(self, values: Mapping[str, torch.Tensor]) -> Factors:
@@ -123,12 +129,18 @@ class BoRA:
         """The prior's latent sites outside the tasks plate: what every task shares (Θ, τ, …)."""
         return shared_sites(self.prior, self.lm.modules_spec, self.tasks_plate())
 
-    def for_new_tasks(self, values: Mapping[str, torch.Tensor], num_new: int = 1) -> BoRA:
+    def for_new_tasks(self, values: Mapping[str, torch.Tensor], num_new: int = 1,
+                      task_weights: torch.Tensor | None = None) -> BoRA:
         """The model of ``num_new`` unseen tasks given the shared sites (Θ, τ, …; those outside the
         tasks plate) fixed at ``values``, e.g. a guide's ``median()`` or one posterior draw.
 
         Its only latent sites are the new tasks', so its prior is p(θ_new | Θ, τ) and a guide
         fitted to it (a few-shot fit of new tasks) cannot move Θ or τ: they are copies.
+
+        ``task_weights`` are the new tasks' likelihood weights, [num_new] (None: unweighted). This
+        model's own weights do not carry over: they belong to its D tasks, and the new ones are
+        others (for the published objective, :func:`~bora_pyro.models.paper_prior.paper_task_weights`
+        of the new tasks' corpus). The prior, and so ``task_factors``, does not depend on them.
 
         Raises:
             ConfigError: ``values`` lack a shared site.
@@ -138,7 +150,20 @@ class BoRA:
             raise ConfigError(f"values for the new tasks' model lack the shared sites {', '.join(missing)}; "
                               "pass a guide's median() or one of its draws")
         fixed = {name: values[name].detach().clone() for name in self.shared_site_names}
-        return BoRA(self.lm, poutine.condition(self.prior, data=fixed), num_new)
+        return BoRA(self.lm, poutine.condition(self.prior, data=fixed), num_new, task_weights)
 
     def __repr__(self) -> str:
-        return f"BoRA(prior={self.prior!r}, num_tasks={self.num_tasks}, modules={len(self.lm.modules_spec)})"
+        weighted = "" if self.task_weights is None else ", task_weights=[...]"
+        return f"BoRA(prior={self.prior!r}, num_tasks={self.num_tasks}, modules={len(self.lm.modules_spec)}{weighted})"
+
+
+def checked_weights(task_weights: torch.Tensor, num_tasks: int, device: torch.device) -> torch.Tensor:
+    """``task_weights`` as a [D] float32 tensor on ``device``; :class:`ConfigError` unless it is D
+    positive finite numbers."""
+    weights = torch.as_tensor(task_weights, dtype=torch.float32, device=device)
+    if weights.shape != (num_tasks,):
+        raise ConfigError(f"task_weights must hold one weight per task, shape ({num_tasks},), "
+                          f"got {tuple(weights.shape)}")
+    if not bool((torch.isfinite(weights) & (weights > 0)).all()):
+        raise ConfigError(f"task_weights must be positive finite numbers, got {weights.tolist()}")
+    return weights
