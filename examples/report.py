@@ -109,9 +109,42 @@ def tau_table(results: dict) -> list[str]:
     learned = results.get("learned_tau")
     if learned:
         low, high = learned["tau_ci"]
-        validation = f"{learned['validation_perplexity']:.2f}" if "validation_perplexity" in learned else "–"
-        lines.append(f"| learned τ (one run, no sweep): posterior mean {learned['tau_mean']:.4g}, 90 % interval "
-                     f"{low:.4g}–{high:.4g} | {learned['perplexity']:.2f} | – | {validation} | – |")
+        lines.append(f"| learned τ (one run, no sweep): posterior median {learned['tau_median']:.4g}, 90 % interval "
+                     f"{low:.4g}–{high:.4g} | {learned['perplexity']:.2f} | – | {learned['validation_perplexity']:.2f} | – |")
+    paper = results.get("paper_objective")
+    if paper:
+        taus = sorted(paper["equivalent_tau"])
+        lines.append(f"| the paper's objective, τ_p = {paper['tau_p']:g} (one run; Gaussian τ it amounts to: "
+                     f"median {taus[len(taus) // 2]:.3g}, {taus[0]:.3g}–{taus[-1]:.3g} by speaker) "
+                     f"| {paper['perplexity']:.2f} | – | {paper['validation_perplexity']:.2f} | {PAPER[100]:.2f} |")
+    clustered = results.get("clustered_prior")
+    if clustered:
+        lines.append(f"| clustered by play (user-written prior, {clustered['clusters']} plays), τ={tau_symbol(clustered['tau'])} "
+                     f"(one run) | {clustered['perplexity']:.2f} | – | {clustered['validation_perplexity']:.2f} | – |")
+    return lines + [""]
+
+
+def fits_table(results: dict) -> list[str]:
+    """How every fit stopped, and the mean-field scales' diagnostics."""
+    lines = ["## How each fit stopped", "",
+             "Every fit stops by its own criterion: `patience` (validation did not improve for that many checks), "
+             "`elbo` (the ELBO flat within its noise, `bora_pyro.convergence`) or `cap` (the step cap; "
+             "*still improving* if the ELBO still rose or validation was best at the last check). Task scales "
+             "(mean-field parts only): share that moved by more than 2× from their start, and contraction "
+             "1 − posterior var / prior var (`bora_pyro.diagnostics`).", "",
+             "| fit | seed | steps | best step | stopped by | seconds | task scales moved | contraction |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        label = f"τ={tau_symbol(run['tau'])} {run['guide']}" if not isinstance(run["tau"], str) or run["tau"] == "inf" \
+            else f"{run['tau']} ({run['guide']})"
+        if "clusters" in run:
+            label = f"clustered by play, τ={tau_symbol(run['tau'])}"
+        task = run.get("diagnostics", {}).get("sites", {}).get("task", {})
+        moved = "–" if task.get("scales_moved") is None else f"{task['scales_moved']:.0%}"
+        contraction = "–" if task.get("contraction") is None else f"{task['contraction']:.3f}"
+        stopped = run.get("stopped_by", "?") + (", still improving" if run.get("still_improving") else "")
+        lines.append(f"| {label} | {run['seed']} | {run['steps']} | {run['best_step']} | {stopped} | {run['seconds']:.0f} "
+                     f"| {moved} | {contraction} |")
     return lines + [""]
 
 
@@ -244,7 +277,7 @@ def write_report(results: dict, out: Path) -> None:
     """Write ``results.md`` and the three PNG plots of ``results`` into the folder ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = header(results) + tau_table(results) + task_table(results)
+    lines = header(results) + tau_table(results) + task_table(results) + fits_table(results)
     lines += ["## Plots", "", "![perplexity vs τ](perplexity_vs_tau.png)", "",
               "![improvement vs task size](improvement_vs_size.png)", "",
               "![distance vs task size](distance_vs_size.png)", ""]

@@ -8,12 +8,18 @@
 2. Pretrain a small GPT-2 and its BPE tokenizer on the base corpus, cached by fingerprint
    (``--model`` takes any hub name or folder instead).
 3. For each τ in the grid and each seed: MAP (AutoDelta) with the non-centred hierarchical prior
-   (one learning rate serves every τ), early stopping on the validation split (carved from the
-   training documents); test perplexity per speaker.
-4. Mean-field VI (AutoNormal) at the τ that is best on validation.
-5. No sweep: τ learned under a broad hyperprior (MAP Θ, mean-field task offsets and τ), one run
-   of 2 × ``--steps``, with τ's posterior mean and 90 % interval.
-6. ``results.json``, ``results.md`` and three PNG plots in ``--out``.
+   (one learning rate serves every τ); every fit stops by its own criterion (validation patience,
+   or its ELBO flat within its noise; ``--steps`` is a cap, see ``bora_pyro.convergence``) and
+   records how it stopped; test perplexity per speaker.
+4. Mean-field VI (AutoNormal) at the τ that is best on validation, with its scales' diagnostics
+   (``bora_pyro.diagnostics``: how far they moved from their start, how far below the prior).
+5. No sweep: τ learned under a broad hyperprior with the guide that passes simulation-based
+   calibration (``benchmarks/sbc.py``), with τ's posterior median and 90 % interval.
+6. The paper's own objective (its published code: an unsquared norm penalty τ_p‖θ_d − Θ‖ and a
+   per-task mean-token likelihood) at the paper's best τ_p = 100, with the τ it amounts to here.
+7. A user-written prior on real groups: ``examples/custom_prior.py``'s clustered prior, each
+   speaker's play its cluster, at the τ best on validation.
+8. ``results.json``, ``results.md`` and three PNG plots in ``--out``.
 """
 
 from __future__ import annotations
@@ -31,20 +37,22 @@ import pyro.distributions as dist
 import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, distributed, evaluate, evaluate_base, fit, load_tokenizer
-from bora_pyro.errors import ConfigError
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers
-from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, quantiles
-from bora_pyro.models import BoRA, HierarchicalNormal, prior_from_tau
+from bora_pyro.diagnostics import diagnose
+from bora_pyro.errors import ConfigError
+from bora_pyro.guides import LEARNED_TAU_CENTERED, learned_tau_guide, map_guide, mean_field_guide, quantiles
+from bora_pyro.models import BoRA, HierarchicalNormal, PaperNormPrior, equivalent_tau, paper_task_weights, prior_from_tau
 from bora_pyro.precision import bf16_is_fast, machine_description
 from bora_pyro.predictive import flatten_factors, global_factors
 from bora_pyro.pretrain import BaseModelConfig, load_info, pretrain_base
+from custom_prior import ClusteredNormal  # examples/custom_prior.py: a prior written outside the library
 from report import write_report  # examples/report.py: results.md and the plots
 
 FULL_TAUS = [0.0, 100.0, 1e3, 1e4, math.inf]
 QUICK_TAUS = [0.0, 100.0, math.inf]
 PAPER = {0: 16.80, 1: 16.59, 10: 12.85, 100: 12.82, 1000: 13.26, 10000: 13.91}
 TAU_HYPERPRIOR = dist.LogNormal(math.log(1e3), 2.0)  # broad: 95 % of its mass in [20, 5e4]
-Z_90 = 1.6449  # the standard Normal's 95 % quantile
+PAPER_TAU_P = 100.0  # the paper's best τ, a τ_p of its code's unsquared norm penalty
 
 
 def tau_label(tau: float) -> str | float:
@@ -60,9 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="use this hub model or folder as the base instead")
     parser.add_argument("--taus", type=float, nargs="+", default=None, help="τ grid (0 = independent, inf = joint)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2, quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="max SVI steps per fit (default 250, quick 24)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="step cap per fit; fits stop by their own criterion before it (default 1000, quick 24)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default 40, quick 4)")
+    parser.add_argument("--patience", type=int, default=3, help="validation checks without improvement before a fit stops")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the factors (Adam)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate of the factors (Adam)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--max-length", type=int, default=128)
@@ -72,15 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fast, see bora_pyro.precision; float32 elsewhere)")
     parser.add_argument("--skip-mean-field", action="store_true", help="only the MAP sweep (e.g. to pick the lr)")
     parser.add_argument("--skip-learned-tau", action="store_true", help="no fit with τ learned")
-    parser.add_argument("--learned-tau-steps", type=int, default=None,
-                        help="max SVI steps of the learned-τ fit (default 2 × --steps)")
+    parser.add_argument("--skip-extra-priors", action="store_true",
+                        help="no fits of the paper's objective and of the clustered prior")
     parser.add_argument("--log-scale-lr", type=float, default=0.05,
-                        help="lr of log τ and of the variational scales in the learned-τ fit")
+                        help="lr of the variational log σ and of log τ (the factors' locations: --lr)")
     args = parser.parse_args(argv)
     args.taus = args.taus or (QUICK_TAUS if args.quick else FULL_TAUS)
     args.seeds = args.seeds or (1 if args.quick else 2)
-    args.steps = args.steps or (24 if args.quick else 250)
-    args.learned_tau_steps = args.learned_tau_steps or 2 * args.steps
+    args.steps = args.steps or (24 if args.quick else 1000)
+    args.eval_every = args.eval_every or (4 if args.quick else 40)
     args.out = Path(args.out or ("examples/results-quick" if args.quick else "examples/results"))
     args.bf16 = bf16_is_fast(args.device) if args.bf16 is None else args.bf16
     return args
@@ -98,49 +109,88 @@ def factor_distances(model: BoRA, guide) -> list[float] | None:
     return (flatten_factors(model.task_factors(values)) - theta_global).norm(dim=1).tolist()
 
 
-def fit_and_test(model: BoRA, guide, corpus, seed: int, args, steps: int, log_scale_lr: float | None = None) -> dict:
-    """Fit with early stopping on validation; test perplexity overall and per speaker."""
+def fit_and_test(model: BoRA, guide, corpus, seed: int, args) -> dict:
+    """Fit until its own criterion stops it; test perplexity overall and per speaker, how the fit
+    stopped, and the guide's diagnostics (:func:`bora_pyro.diagnostics.diagnose`)."""
     started = time.time()
-    result = fit(model, guide, corpus, steps=steps, batch_size=args.batch_size, lr=args.lr, log_scale_lr=log_scale_lr,
-                 eval_every=max(args.steps // 6, 1), patience=3, seed=seed, bf16=args.bf16, progress=False)
+    result = fit(model, guide, corpus, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                 log_scale_lr=args.log_scale_lr, eval_every=args.eval_every, patience=args.patience, seed=seed,
+                 bf16=args.bf16, progress=False)
     test = evaluate(model, guide, corpus, "test")
+    diagnostics = diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window)
     return {
         "lr": args.lr, "seed": seed,
         "perplexity": test["perplexity"],
         "validation_perplexity": min(entry["validation_perplexity"] for entry in result.history),
         "tasks": {name: t["perplexity"] for name, t in test["tasks"].items()},
-        "best_step": result.best_step, "steps": result.steps, "seconds": round(time.time() - started, 1),
-        "distances": factor_distances(model, guide),
+        "best_step": result.best_step, "steps": result.steps, "stopped_by": result.stopped_by,
+        "still_improving": result.still_improving, "seconds": round(time.time() - started, 1),
+        "distances": factor_distances(model, guide), "diagnostics": diagnostics,
     }
 
 
 def print_run(label: str, record: dict) -> None:
     print(f"{label:<28} test ppl {record['perplexity']:.2f}  val ppl {record['validation_perplexity']:.2f}  "
-          f"best step {record['best_step']}/{record['steps']}  {record['seconds']:.0f}s", flush=True)
+          f"best step {record['best_step']}/{record['steps']} (stopped by {record['stopped_by']}"
+          f"{', still improving' if record['still_improving'] else ''})  {record['seconds']:.0f}s", flush=True)
+    task = record["diagnostics"]["sites"].get("task", {})
+    if task.get("scales_moved") is not None:
+        print(f"  task scales: {task['scales_moved']:.0%} moved by > 2x from their start, contraction "
+              f"{task['contraction']:.3f} (posterior sd {task['posterior_sd_mean']:.3g}, prior sd {task['prior_sd']:.3g})",
+              flush=True)
 
 
 def run_fit(lm, corpus, tau: float, seed: int, args, guide_kind: str = "map") -> dict:
     """One fit at a fixed τ: MAP (``"map"``) or mean-field VI (``"mean-field"``)."""
     model = BoRA(lm, prior_from_tau(tau, centered=False), corpus.num_tasks)
     guide = map_guide(model, seed=seed) if guide_kind == "map" else mean_field_guide(model, seed=seed)
-    record = {"tau": tau_label(tau), "guide": guide_kind} | fit_and_test(model, guide, corpus, seed, args, args.steps)
+    record = {"tau": tau_label(tau), "guide": guide_kind} | fit_and_test(model, guide, corpus, seed, args)
     print_run(f"τ={tau:g} seed={seed} {guide_kind}", record)
     return record
 
 
 def learned_tau_fit(lm, corpus, seed: int, args) -> dict:
-    """One fit with τ latent under ``TAU_HYPERPRIOR``: MAP for Θ, mean-field for the task offsets
-    and τ (:func:`hybrid_guide`), log τ at its own learning rate. τ's posterior is the guide's
-    LogNormal: mean ``median · exp(s²/2)`` with ``s`` read off the 95 % quantile."""
-    model = BoRA(lm, HierarchicalNormal(TAU_HYPERPRIOR, centered=False), corpus.num_tasks)
-    guide = hybrid_guide(model, seed=seed)
-    record = fit_and_test(model, guide, corpus, seed, args, args.learned_tau_steps, args.log_scale_lr)
+    """One fit with τ latent under ``TAU_HYPERPRIOR``, with the default learned-τ parametrisation
+    and guide (those that pass simulation-based calibration: ``benchmarks/sbc.py``)."""
+    model = BoRA(lm, HierarchicalNormal(TAU_HYPERPRIOR, centered=LEARNED_TAU_CENTERED), corpus.num_tasks)
+    guide = learned_tau_guide(model, seed=seed)
+    record = fit_and_test(model, guide, corpus, seed, args)
     low, median, high = (float(q) for q in quantiles(guide, [0.05, 0.5, 0.95])["tau"])
-    record |= {"tau": "learned", "guide": "hybrid", "log_scale_lr": args.log_scale_lr, "tau_median": median,
-               "tau_ci": [low, high],
-               "tau_mean": median * math.exp((math.log(high / median) / Z_90) ** 2 / 2)}
+    record |= {"tau": "learned", "guide": type(guide).__name__, "centered": LEARNED_TAU_CENTERED,
+               "tau_median": median, "tau_ci": [low, high]}
     print_run(f"τ learned seed={seed}", record)
-    print(f"  τ posterior mean {record['tau_mean']:.4g}, 90 % interval [{low:.4g}, {high:.4g}]", flush=True)
+    print(f"  τ posterior median {median:.4g}, 90 % interval [{low:.4g}, {high:.4g}]", flush=True)
+    return record
+
+
+def paper_objective_fit(lm, corpus, seed: int, args) -> dict:
+    """MAP of the paper's published objective: Σ_d N_d·(mean token NLL of task d) + τ_p Σ_d ‖θ_d − Θ‖
+    at the paper's best τ_p, and the Gaussian τ it amounts to per task (:func:`equivalent_tau`)."""
+    weights = paper_task_weights(corpus)
+    model = BoRA(lm, PaperNormPrior(PAPER_TAU_P), corpus.num_tasks, task_weights=weights)
+    record = fit_and_test(model, map_guide(model, seed=seed), corpus, seed, args)
+    taus = equivalent_tau(PAPER_TAU_P, 1 / weights, torch.tensor(record["distances"])).tolist()
+    record |= {"tau": "paper objective", "guide": "map", "tau_p": PAPER_TAU_P, "equivalent_tau": taus}
+    print_run(f"paper objective τ_p={PAPER_TAU_P:g} seed={seed}", record)
+    print(f"  equivalent Gaussian τ per speaker: median {statistics.median(taus):.4g}, "
+          f"range {min(taus):.4g}–{max(taus):.4g}", flush=True)
+    return record
+
+
+def play_of(task: str) -> str:
+    """A speaker task's play: ``"HAMLET (Hamlet)"`` → ``"Hamlet"``."""
+    return task.rsplit("(", 1)[1].rstrip(")")
+
+
+def clustered_fit(lm, corpus, tau: float, seed: int, args) -> dict:
+    """MAP of ``examples/custom_prior.py``'s three-level prior with each speaker's play as its
+    cluster: tasks at precision τ around their play's centre, centres at τ around Θ."""
+    plays = sorted({play_of(name) for name in corpus.task_names})
+    prior = ClusteredNormal([plays.index(play_of(name)) for name in corpus.task_names], tau_cluster=tau, tau=tau)
+    model = BoRA(lm, prior, corpus.num_tasks)
+    record = fit_and_test(model, map_guide(model, seed=seed), corpus, seed, args)
+    record |= {"tau": tau_label(tau), "guide": "map", "prior": repr(prior), "clusters": len(plays)}
+    print_run(f"clustered by play τ={tau:g} seed={seed}", record)
     return record
 
 
@@ -157,12 +207,24 @@ def mean_over_seeds(runs: list[dict]) -> dict:
     }
 
 
+SUMMARY_KEYS = ("perplexity", "validation_perplexity", "tasks", "steps", "best_step", "stopped_by", "still_improving",
+                "seconds", "guide")
+
+
+def mean_field_summary(runs: list[dict]) -> dict:
+    """The mean-field entry: means over seeds, and each seed's task-scale diagnostics."""
+    return mean_over_seeds(runs) | {"diagnostics": [run["diagnostics"]["sites"] for run in runs]}
+
+
 def learned_tau_summary(run: dict) -> dict:
-    """The learned-τ entry of results.json: test perplexity, τ's posterior mean and 90 % interval."""
-    return {key: run[key] for key in ("perplexity", "validation_perplexity", "tasks", "tau_mean", "tau_median",
-                                      "tau_ci", "steps", "best_step", "seconds")} | {
-        "hyperprior": "LogNormal(log 1e3, 2)", "guide": "hybrid (MAP Θ, mean-field task offsets and τ)",
-        "log_scale_lr": run["log_scale_lr"]}
+    """The learned-τ entry of results.json: test perplexity, τ's posterior median and 90 % interval."""
+    return {key: run[key] for key in SUMMARY_KEYS + ("tau_median", "tau_ci", "centered")} | {
+        "hyperprior": "LogNormal(log 1e3, 2)", "diagnostics": run["diagnostics"]}
+
+
+def one_run_summary(run: dict, *keys: str) -> dict:
+    """The entry of results.json of a one-seed fit: ``SUMMARY_KEYS`` and ``keys``."""
+    return {key: run[key] for key in SUMMARY_KEYS + keys}
 
 
 def main(argv=None) -> int:
@@ -199,17 +261,21 @@ def main(argv=None) -> int:
         run_fit(lm, corpus, best_tau, seed, args, "mean-field") for seed in range(args.seeds)
     ]
     learned_runs = [] if args.skip_learned_tau else [learned_tau_fit(lm, corpus, 0, args)]  # one run, no sweep
+    extra_runs = [] if args.skip_extra_priors or math.isinf(best_tau) or best_tau == 0 else [
+        paper_objective_fit(lm, corpus, 0, args), clustered_fit(lm, corpus, best_tau, 0, args)]
 
     results = {
         "sweep": sweep,
-        "mean_field": mean_over_seeds(mean_field_runs) if mean_field_runs else None,
+        "mean_field": mean_field_summary(mean_field_runs) if mean_field_runs else None,
         "learned_tau": learned_tau_summary(learned_runs[0]) if learned_runs else None,
+        "paper_objective": one_run_summary(extra_runs[0], "tau_p", "equivalent_tau") if extra_runs else None,
+        "clustered_prior": one_run_summary(extra_runs[1], "tau", "prior", "clusters") if extra_runs else None,
         "best_tau_on_validation": best["tau"],
         "base_model": {"perplexity": base_test["perplexity"],
                        "tasks": {n: t["perplexity"] for n, t in base_test["tasks"].items()}, **base_info},
         "tasks": {name: {"train_docs": c["train_docs"], "validation_docs": c["validation_docs"],
                          "test_docs": c["test_docs"]} for name, c in counts.items()},
-        "runs": runs + mean_field_runs + learned_runs,
+        "runs": runs + mean_field_runs + learned_runs + extra_runs,
         "settings": vars(args) | {"out": str(args.out), "taus": [tau_label(tau) for tau in args.taus],
                                   "validation_precision": "bf16 autocast" if args.bf16 else "float32",
                                   "test_precision": "float32"},

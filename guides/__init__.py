@@ -35,8 +35,8 @@ from bora_pyro.models.priors import PACKED, factor_layout, hyperparameter_sites,
 
 from .taskwise import TaskwiseDelta, TaskwiseNormal, is_log_scale, unmangled
 
-__all__ = ["LoRAInit", "TaskwiseDelta", "TaskwiseNormal", "hybrid_guide", "map_guide", "mean_field_guide",
-           "param_groups", "quantiles"]
+__all__ = ["LEARNED_TAU_CENTERED", "LoRAInit", "TaskwiseDelta", "TaskwiseNormal", "hybrid_guide", "learned_tau_guide",
+           "map_guide", "mean_field_guide", "param_groups", "quantiles"]
 
 
 class LoRAInit:
@@ -126,6 +126,22 @@ def mean_field_guide(model, init_scale: float | None = None, seed: int = 0) -> A
     """
     return taskwise_normal(model, init_scale, init_loc_fn=LoRAInit(seed, model.lm.modules_spec),
                            create_plates=model.tasks_plate)
+
+
+#: The parametrisation of the task factors for a learned τ (``HierarchicalNormal(centered=...)``)
+#: that :func:`learned_tau_guide` needs; both chosen by simulation-based calibration (``benchmarks/sbc.py``).
+LEARNED_TAU_CENTERED: bool | float = 0.0
+
+
+def learned_tau_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoNormal:
+    """The default guide for a learned τ, on a prior with ``centered=LEARNED_TAU_CENTERED``.
+
+    Decentred task factors (z ~ Normal(0, 1), θ_d = Θ + τ^{-1/2}·z) under a mean-field guide:
+    the likelihood then depends on τ, and entries the documents hardly inform keep q(z) at the
+    prior, so they say nothing about τ (with offsets every entry adds to q(τ)'s precision, and
+    its interval shrinks to √(2/(D·P)) whatever the data say).
+    """
+    return mean_field_guide(model, init_scale, seed)
 
 
 def is_global(msg: dict) -> bool:
