@@ -31,7 +31,9 @@ def synthetic_results() -> dict:
             runs.append({"tau": tau, "lr": 2e-3, "seed": seed, "guide": "map",
                          "perplexity": statistics.mean(per_task.values()),
                          "validation_perplexity": base + 0.5, "tasks": per_task,
-                         "distances": [0.1 * (i + 1) + 0.01 * seed for i in range(3)] if tau == 100.0 else None})
+                         "distances": [0.1 * (i + 1) + 0.01 * seed for i in range(3)] if tau == 100.0 else None,
+                         "steps": 400 + seed, "best_step": 280, "seconds": 90.0,
+                         "stopped_by": "cap" if tau == 0.0 else "patience", "still_improving": tau == 0.0 and seed == 1})
 
     def entry(tau, subset):
         ppl = [r["perplexity"] for r in subset]
@@ -46,7 +48,10 @@ def synthetic_results() -> dict:
         "base_model": {"perplexity": 30.0, "model": "tiny-test-model", "tasks": {n: 30.0 for n in tasks}},
         "tasks": {n: {"train_docs": d, "validation_docs": 2, "test_docs": 5} for n, d in tasks.items()},
         "runs": runs, "minutes": 1.5, "command": "python examples/shakespeare_speakers.py --test",
-        "learned_tau": {"tau_mean": 87.5, "tau_ci": [40.0, 160.0], "perplexity": 15.2},
+        "learned_tau": {"tau_median": 87.5, "tau_ci": [40.0, 160.0], "perplexity": 15.2, "validation_perplexity": 15.6},
+        "paper_objective": {"tau_p": 100.0, "equivalent_tau": [300.0, 1200.0, 800.0], "perplexity": 15.4,
+                            "validation_perplexity": 15.9},
+        "clustered_prior": {"tau": 100.0, "clusters": 2, "perplexity": 14.9, "validation_perplexity": 15.3},
     }
 
 
@@ -55,8 +60,12 @@ def test_write_report(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert "python examples/shakespeare_speakers.py --test" in md
     for row in ("| 0 (indep.)", "| 100 ← best on validation", "| ∞ (joint)", "| base model", "| mean-field VI",
-                "| learned τ"):
+                "| learned τ (one run, no sweep): posterior median 87.5, 90 % interval 40–160 | 15.20",
+                "| the paper's objective, τ_p = 100 (one run; Gaussian τ it amounts to: median 800, 300–1.2e+03",
+                "| clustered by play (user-written prior, 2 plays), τ=100 (one run) | 14.90"):
         assert row in md
+    assert "| τ=0 map | 1 | 401 | 280 | cap, still improving | 90 |" in md  # how each fit stopped
+    assert "| τ=0 map | 0 | 400 | 280 | cap | 90 |" in md and "| τ=100 map | 0 | 400 | 280 | patience |" in md
     assert "12.82" in md and "| – |" in md  # paper values beside, dash where the paper has none
     assert "**15." in md  # best τ bold per task row
     assert "on **3 of 3** tasks" in md
