@@ -65,20 +65,23 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                              f"default {defaults.global_scale:g}")
     parser.add_argument("--tau-prior", metavar="SPEC",
                         help="learn τ under this hyperprior instead of fixing it: gamma:SHAPE,RATE or "
-                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; needs --guide hybrid|mean-field")
+                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; without --guide and a centring flag, the "
+                             "learned-τ default: mean-field on decentred task factors (benchmarks/sbc.py)")
     parser.add_argument("--tau-per", choices=("all", "layer", "module", "factor", "module-factor"),
                         help="one τ for all adapted modules (the default), or one per layer, module, "
                              "factor (A vs B) or module and factor")
     centring = parser.add_mutually_exclusive_group()
     centring.add_argument("--non-centered", dest="centered", action="store_const", const=False,
-                          help="sample task offsets θ_d − Θ (the default): Θ moves every task at once, and one lr "
-                               "serves every τ")
+                          help="sample task offsets θ_d − Θ (the default for a fixed τ): Θ moves every task at once, "
+                               "and one lr serves every τ")
     centring.add_argument("--centered", dest="centered", action="store_const", const=True,
                           help="sample θ_d itself: Θ then moves only through the prior's pull, and learns the "
                                "shared part slowly")
     centring.add_argument("--decentered", dest="centered", action="store_const", const=0.0,
-                          help="sample z ~ Normal(0, 1), θ_d = Θ + τ^(-1/2)·z (LocScaleReparam)")
-    parser.add_argument("--guide", choices=GUIDES, help=f"map = the paper's estimator (default {defaults.guide})")
+                          help="sample z ~ Normal(0, 1), θ_d = Θ + τ^(-1/2)·z (LocScaleReparam; the default for a "
+                               "learned τ)")
+    parser.add_argument("--guide", choices=GUIDES,
+                        help="map = the paper's estimator (the default for a fixed τ; with --tau-prior: mean-field)")
     parser.add_argument("--init-scale", type=float,
                         help="initial standard deviation of every mean-field scale (default: a tenth of each "
                              "site's prior sd, at most 0.01)")

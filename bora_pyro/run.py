@@ -39,6 +39,9 @@ PRIORS = ("hierarchical", "independent", "joint")
 #: ``--base-dtype`` → the dtype the frozen base is loaded in (auto: as saved, transformers' default)
 BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GUIDES = ("map", "mean-field", "hybrid")
+#: The guide of a fit with a learned τ (``--tau-prior``) and no ``--guide``: see
+#: :func:`~bora_pyro.guides.learned_tau_guide`, which it builds.
+LEARNED_TAU_GUIDE = "mean-field"
 #: The run directory's format. 2: the mean-field scales are ``log_scales``/``task_log_scales`` = log σ;
 #: 1 (a config.json without ``format_version``) kept them as ``scales``/``task_scales`` = softplus⁻¹ σ.
 FORMAT_VERSION = 2
@@ -59,8 +62,9 @@ class RunConfig:
     tau_prior: str | None = None  # learn τ under this hyperprior ("gamma:2,0.02"); None: τ = tau
     tau_per: str = "all"
     global_scale: float | None = 1.0
-    centered: bool | float = False  # offsets θ_d − Θ; True: θ_d; a float c: LocScaleReparam(centered=c)
-    guide: str = "map"
+    centered: bool | float | None = None  # False: offsets θ_d − Θ; True: θ_d; c: LocScaleReparam(centered=c);
+    # None: offsets for a fixed τ, LEARNED_TAU_CENTERED for a learned one
+    guide: str | None = None  # None: map for a fixed τ, LEARNED_TAU_GUIDE for a learned one
     init_scale: float | None = None  # start sd of the mean-field scales; None: a tenth of each site's prior sd
     rank: int = 8
     alpha: float = 16.0
@@ -88,10 +92,17 @@ class RunConfig:
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION  # of the run directory that holds this config
 
+    @property
+    def chosen_guide(self) -> str:
+        """``guide``, or the default: ``map``, or :data:`LEARNED_TAU_GUIDE` for a learned τ."""
+        if self.guide is not None:
+            return self.guide
+        return LEARNED_TAU_GUIDE if self.tau_prior is not None else "map"
+
     def validate(self) -> None:
         if self.prior not in PRIORS:
             raise ConfigError(f"unknown prior {self.prior!r}: choose one of {PRIORS}")
-        if self.guide not in GUIDES:
+        if self.guide is not None and self.guide not in GUIDES:
             raise ConfigError(f"unknown guide {self.guide!r}: choose one of {GUIDES}")
         if self.prior == "hierarchical" and not (math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError(
@@ -102,7 +113,7 @@ class RunConfig:
             raise ConfigError("--tau-prior learns the τ of the hierarchical prior; drop it or use --prior hierarchical")
         if self.prior == "hierarchical":
             make_prior(self)  # refuses a bad --tau-prior, --tau-per or centring before anything loads
-        if self.tau_prior is not None and self.guide == "map":
+        if self.tau_prior is not None and self.chosen_guide == "map":
             raise ConfigError("--guide map cannot learn τ (MAP over τ and the task factors is degenerate: "
                               "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
         if self.data is not None and not Path(self.data).is_file():
@@ -145,9 +156,9 @@ def make_prior(config: RunConfig):
 
 
 def make_guide(config: RunConfig, model: BoRA):
-    if config.guide == "map":
+    if config.chosen_guide == "map":
         return map_guide(model, seed=config.seed)
-    if config.guide == "hybrid":
+    if config.chosen_guide == "hybrid":
         return hybrid_guide(model, init_scale=config.init_scale, seed=config.seed)
     return mean_field_guide(model, init_scale=config.init_scale, seed=config.seed)
 

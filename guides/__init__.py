@@ -31,7 +31,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 
 from bora_pyro.errors import ConfigError
 from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
-from bora_pyro.models.priors import PACKED, factor_layout, hyperparameter_sites, is_factor_site
+from bora_pyro.models.priors import LEARNED_TAU_CENTERED, PACKED, factor_layout, hyperparameter_sites, is_factor_site
 
 from .taskwise import TaskwiseDelta, TaskwiseNormal, is_log_scale, unmangled
 
@@ -128,13 +128,10 @@ def mean_field_guide(model, init_scale: float | None = None, seed: int = 0) -> A
                            create_plates=model.tasks_plate)
 
 
-#: The parametrisation of the task factors for a learned τ (``HierarchicalNormal(centered=...)``)
-#: that :func:`learned_tau_guide` needs; both chosen by simulation-based calibration (``benchmarks/sbc.py``).
-LEARNED_TAU_CENTERED: bool | float = 0.0
-
-
 def learned_tau_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoNormal:
-    """The default guide for a learned τ, on a prior with ``centered=LEARNED_TAU_CENTERED``.
+    """The default guide for a learned τ, on a prior with ``centered=LEARNED_TAU_CENTERED`` (the
+    default of :class:`~bora_pyro.models.HierarchicalNormal` with a hyperprior); both chosen by
+    simulation-based calibration (``benchmarks/sbc.py``).
 
     Decentred task factors (z ~ Normal(0, 1), θ_d = Θ + τ^{-1/2}·z) under a mean-field guide:
     the likelihood then depends on τ, and entries the documents hardly inform keep q(z) at the

@@ -85,6 +85,11 @@ FACTORS = ("lora_A", "lora_B")
 #: The name of the packed factor vector: the sites ``global.lora`` [P] and ``task.lora`` [K, P].
 PACKED = "lora"
 TauValue = Union[float, torch.distributions.Distribution]
+#: How :class:`HierarchicalNormal` parametrises the task factors when some τ is learned and
+#: ``centered`` is not given: the parametrisation whose τ intervals pass simulation-based
+#: calibration under :func:`~bora_pyro.guides.learned_tau_guide` (``benchmarks/sbc.py``).
+#: 0.0: decentred, z ~ Normal(0, 1), θ_d = Θ + τ^{-1/2}·z.
+LEARNED_TAU_CENTERED: bool | float = 0.0
 TauGroup = Callable[[AdaptedModule, str], str]
 
 
@@ -216,6 +221,12 @@ class Precision:
         self.per = per
         self.group: TauGroup = TAU_GROUPS[per] if isinstance(per, str) else per
 
+    @property
+    def is_latent(self) -> bool:
+        """Whether some group's τ is a latent site (a hyperprior, not a number)."""
+        values = self.tau.values() if isinstance(self.tau, dict) else [self.tau]
+        return any(isinstance(value, torch.distributions.Distribution) for value in values)
+
     def value(self, group: str, groups: Sequence[str]) -> TauValue:
         if not isinstance(self.tau, dict):
             return self.tau
@@ -257,7 +268,8 @@ class HierarchicalNormal:
         global_scale: prior scale of Θ; ``None`` is the paper's flat ``p(Θ) ∝ 1``. The default 1.0
             is weak next to LoRA factors (entries ~1/sqrt(in)); keep it for mean-field VI, where a
             flat Θ leaves the A→cA, B→B/c direction unpinned and the posterior improper.
-        centered: how the task factors are parametrised (the model is the same):
+        centered: how the task factors are parametrised (the model is the same); None (the
+            default): offsets (``False``) for a fixed τ, :data:`LEARNED_TAU_CENTERED` when τ is learned.
 
             - ``False`` (the default): sample offsets ``δ_d = θ_d − Θ ~ Normal(0, τ^{-1/2})`` at
               ``task.<m>.<f>_offset``; Θ then moves every task at once, so one learning rate
@@ -282,14 +294,17 @@ class HierarchicalNormal:
         self,
         tau: TauValue | Mapping[str, TauValue],
         global_scale: float | None = 1.0,
-        centered: bool | float = False,
+        centered: bool | float | None = None,
         tau_per: str | TauGroup = "all",
         packed: bool = True,
     ):
         check_scale("global_scale", global_scale)
-        if not isinstance(centered, bool) and not (isinstance(centered, (int, float)) and 0 <= centered <= 1):
-            raise ConfigError(f"centered must be True, False or a number in [0, 1], got {centered!r}")
+        if centered is not None and not isinstance(centered, bool) and not (
+                isinstance(centered, (int, float)) and 0 <= centered <= 1):
+            raise ConfigError(f"centered must be True, False, a number in [0, 1] or None, got {centered!r}")
         self.precision = Precision(tau, tau_per)
+        if centered is None:
+            centered = LEARNED_TAU_CENTERED if self.precision.is_latent else False
         self.global_scale, self.centered = global_scale, centered if isinstance(centered, bool) else float(centered)
         self.packed = packed
 
@@ -353,7 +368,7 @@ class HierarchicalStudentT(HierarchicalNormal):
         tau: TauValue | Mapping[str, TauValue],
         df: float = 3.0,
         global_scale: float | None = 1.0,
-        centered: bool | float = False,
+        centered: bool | float | None = None,
         tau_per: str | TauGroup = "all",
         packed: bool = True,
     ):
@@ -414,7 +429,8 @@ def sample_factors(level: str, modules: Sequence[AdaptedModule], scale: float | 
         for factor in FACTORS) for module in modules}
 
 
-def prior_from_tau(tau: TauValue, global_scale: float | None = 1.0, centered: bool | float = False, packed: bool = True):
+def prior_from_tau(tau: TauValue, global_scale: float | None = 1.0, centered: bool | float | None = None,
+                   packed: bool = True):
     """τ = 0 → :class:`Independent`, τ = ∞ → :class:`Joint`, else :class:`HierarchicalNormal`
     (a distribution: τ learned under that hyperprior)."""
     if isinstance(tau, (int, float)) and tau == 0:

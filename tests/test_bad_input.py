@@ -503,7 +503,7 @@ def test_cuda_without_cuda(monkeypatch, run_dir, gpt2_dir, data, tmp_path, capsy
 
 def test_map_over_a_learned_tau_is_refused(gpt2_dir, data, tmp_path, capsys):
     out = tmp_path / "run"
-    cli_error(fit_args(gpt2_dir, data, out, 12, "--tau-prior", "gamma:2,0.02"), capsys, "map-learned-tau")
+    cli_error(fit_args(gpt2_dir, data, out, 12, "--tau-prior", "gamma:2,0.02", "--guide", "map"), capsys, "map-learned-tau")
     assert not out.exists()
     lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2)
     learned = HierarchicalNormal(pyro.distributions.Gamma(2.0, 0.02))

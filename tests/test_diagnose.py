@@ -69,7 +69,8 @@ def test_map_reports_its_elbo_and_prior_but_no_scales(gpt2_dir, mean_field_run, 
 
 def test_a_learned_tau_reports_its_interval_and_conditions_the_task_prior_on_its_median(gpt2_dir, mean_field_run, capsys):
     root, data = mean_field_run
-    report = fit_and_diagnose(gpt2_dir, data, root / "tau", capsys, "--guide", "hybrid", "--tau-prior", "lognormal:4.6,1")
+    report = fit_and_diagnose(gpt2_dir, data, root / "tau", capsys, "--guide", "hybrid", "--tau-prior", "lognormal:4.6,1",
+                              "--non-centered")
     low, high = report["hyper"]["tau"]["ci90"]
     median = report["hyper"]["tau"]["median"]
     assert low < median < high
