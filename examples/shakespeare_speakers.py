@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--taus", type=float, nargs="+", default=None, help="τ grid (0 = independent, inf = joint)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2, quick 1)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="step cap per fit; fits stop by their own criterion before it (default 1000, quick 24)")
+                        help="step cap per fit; fits stop by their own criterion before it (default 600, quick 24)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default 40, quick 4)")
     parser.add_argument("--patience", type=int, default=3, help="validation checks without improvement before a fit stops")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.taus = args.taus or (QUICK_TAUS if args.quick else FULL_TAUS)
     args.seeds = args.seeds or (1 if args.quick else 2)
-    args.steps = args.steps or (24 if args.quick else 1000)
+    args.steps = args.steps or (24 if args.quick else 600)
     args.eval_every = args.eval_every or (4 if args.quick else 40)
     args.out = Path(args.out or ("examples/results-quick" if args.quick else "examples/results"))
     args.bf16 = bf16_is_fast(args.device) if args.bf16 is None else args.bf16
