@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default 40, quick 4)")
     parser.add_argument("--patience", type=int, default=3, help="validation checks without improvement before a fit stops")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate of the factors (Adam)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the factors (Adam)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--max-length", type=int, default=128)
