@@ -52,6 +52,11 @@ def find_entry(sweep: list[dict], tau: float) -> dict | None:
     return next((entry for entry in sweep if as_float(entry["tau"]) == tau), None)
 
 
+def is_sweep(run: dict) -> bool:
+    """A MAP fit of the τ sweep (not the paper's objective or the clustered prior, also MAP)."""
+    return run["guide"] == "map" and "clusters" not in run and (not isinstance(run["tau"], str) or run["tau"] == "inf")
+
+
 def tasks_by_size(results: dict) -> list[str]:
     """Task names sorted by number of training documents (then by name)."""
     return sorted(results["tasks"], key=lambda name: (results["tasks"][name]["train_docs"], name))
@@ -181,9 +186,9 @@ def seed_wins(results: dict, best: float) -> list[int]:
     """Per seed, the tasks on which the MAP fit at τ = ``best`` beats both the τ = 0 and τ = ∞ fits."""
     def fit_at(tau: float, seed: int) -> dict:
         return next(run for run in results["runs"]
-                    if run["guide"] == "map" and run["seed"] == seed and as_float(run["tau"]) == tau)
+                    if is_sweep(run) and run["seed"] == seed and as_float(run["tau"]) == tau)
 
-    seeds = sorted({run["seed"] for run in results["runs"] if run["guide"] == "map"})
+    seeds = sorted({run["seed"] for run in results["runs"] if is_sweep(run)})
     return [sum(all(fit_at(best, seed)["tasks"][name] < fit_at(extreme, seed)["tasks"][name]
                     for extreme in (0.0, math.inf)) for name in results["tasks"]) for seed in seeds]
 
@@ -249,7 +254,7 @@ def distance_tau(results: dict) -> float | None:
 def plot_distance(results: dict, path: Path) -> None:
     """‖θ_d − Θ‖ per task vs training documents (MAP runs at the chosen finite τ, mean over seeds)."""
     tau = distance_tau(results)
-    runs = [r for r in results["runs"] if r["guide"] == "map" and r.get("distances") is not None
+    runs = [r for r in results["runs"] if is_sweep(r) and r.get("distances") is not None
             and tau is not None and as_float(r["tau"]) == tau]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if runs:

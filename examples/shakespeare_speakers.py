@@ -18,7 +18,7 @@
 6. The paper's own objective (its published code: an unsquared norm penalty τ_p‖θ_d − Θ‖ and a
    per-task mean-token likelihood) at the paper's best τ_p = 100, with the τ it amounts to here.
 7. A user-written prior on real groups: ``examples/custom_prior.py``'s clustered prior, each
-   speaker's play its cluster, at the τ best on validation.
+   speaker's play its cluster, at the finite τ best on validation.
 8. ``results.json``, ``results.md`` and three PNG plots in ``--out``.
 """
 
@@ -261,8 +261,10 @@ def main(argv=None) -> int:
         run_fit(lm, corpus, best_tau, seed, args, "mean-field") for seed in range(args.seeds)
     ]
     learned_runs = [] if args.skip_learned_tau else [learned_tau_fit(lm, corpus, 0, args)]  # one run, no sweep
-    extra_runs = [] if args.skip_extra_priors or math.isinf(best_tau) or best_tau == 0 else [
-        paper_objective_fit(lm, corpus, 0, args), clustered_fit(lm, corpus, best_tau, 0, args)]
+    finite = [entry for entry in sweep if entry["tau"] not in (0.0, "inf")]  # the clustered prior needs a finite τ
+    best_finite = min(finite, key=lambda entry: entry["validation_perplexity"])["tau"] if finite else None
+    extra_runs = [] if args.skip_extra_priors or best_finite is None else [
+        paper_objective_fit(lm, corpus, 0, args), clustered_fit(lm, corpus, best_finite, 0, args)]
 
     results = {
         "sweep": sweep,

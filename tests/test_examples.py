@@ -66,7 +66,13 @@ def test_shakespeare_quick(shakespeare_quick):
     assert results["best_tau_on_validation"] == best
     assert {run["tau"] for run in results["runs"] if run["guide"] == "mean-field"} == {best}
     low, high = results["learned_tau"]["tau_ci"]
-    assert 0 < low < results["learned_tau"]["tau_mean"] < high
+    assert 0 < low < results["learned_tau"]["tau_median"] < high
+    for run in results["runs"]:  # every fit says how it stopped
+        assert run["stopped_by"] in ("patience", "elbo", "cap") and 0 < run["best_step"] <= run["steps"] <= 24
+    assert results["paper_objective"]["tau_p"] == 100.0 and len(results["paper_objective"]["equivalent_tau"]) == 25
+    assert results["clustered_prior"]["tau"] == 100.0 and results["clustered_prior"]["clusters"] == 14
+    mean_field = [run for run in results["runs"] if run["guide"] == "mean-field"]
+    assert all(run["diagnostics"]["sites"]["global"]["scales_moved"] is not None for run in mean_field)
     assert {"results.md", "perplexity_vs_tau.png", "improvement_vs_size.png", "distance_vs_size.png"} <= {
         p.name for p in out.iterdir()
     }

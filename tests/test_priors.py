@@ -204,7 +204,7 @@ def test_missing_group_and_hyperprior_spec(setup):
     assert isinstance(gamma, dist.Gamma) and float(gamma.mean) == pytest.approx(100.0)
     assert isinstance(lognormal, dist.LogNormal) and float(lognormal.loc) == pytest.approx(4.6)
     assert repr(HierarchicalNormal(gamma, tau_per="module")) == (
-        "HierarchicalNormal(tau=Gamma(concentration=2, rate=0.02), global_scale=1.0, centered=False, tau_per='module')")
+        "HierarchicalNormal(tau=Gamma(concentration=2, rate=0.02), global_scale=1.0, centered=0.0, tau_per='module')")  # a learned τ: decentred
 
 
 def test_map_guide_refuses_a_latent_tau(setup):
@@ -340,7 +340,7 @@ def test_cli_learns_tau_and_load_run_rebuilds_it(gpt2_dir, synthetic_jsonl, tmp_
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--tau-prior", "gamma:2,0.02"], "--guide map cannot learn τ"),  # map is the default guide
+    (["--tau-prior", "gamma:2,0.02", "--guide", "map"], "--guide map cannot learn τ"),
     (["--tau-prior", "gamma:2", "--guide", "hybrid"], "gamma:SHAPE,RATE"),
     (["--tau-prior", "gamma:2,0.02", "--prior", "joint", "--guide", "hybrid"], "--prior hierarchical"),
     (["--tau-prior", "gamma:2,0.02", "--lr-per-tau", "1e-5", "--guide", "hybrid"], "but the run learns τ (--tau-prior); give --lr"),
