@@ -27,6 +27,7 @@ from pyro.infer.autoguide import AutoGuideList
 
 from .convergence import elbo_trend
 from .guides import quantiles
+from .guides.structured import ConjugateTaskNormal
 from .guides.taskwise import TaskwiseNormal, unconstrained_prior_sd
 from .models.priors import FACTORS, PACKED, HierarchicalNormal, factor_layout, is_factor_site, latent_sites
 
@@ -40,7 +41,13 @@ def normal_parts(guide) -> list[TaskwiseNormal]:
 
 
 def site_log_scales(guide) -> dict[str, torch.Tensor]:
-    """Copies of the guide's log σ per mean-field site, stacked over all tasks ([D, ...] for a task site)."""
+    """Copies of the guide's log σ per mean-field site, stacked over all tasks ([D, ...] for a task
+    site); for a :class:`~bora_pyro.guides.structured.ConjugateTaskNormal`, the log sd of its
+    factor sites' conditionals (:meth:`marginals`) and its hyperparameters' log σ."""
+    if isinstance(guide, ConjugateTaskNormal):
+        with torch.no_grad():
+            factors = {name: sd.log().clone() for name, (_, sd) in guide.marginals().items()}
+        return factors | (site_log_scales(guide.hyper) if guide.hyper is not None else {})
     return {name: part._get_loc_and_scale(name)[1].detach().log().clone()
             for part in normal_parts(guide) for name, _ in part.prototype_trace.iter_stochastic_nodes()}
 

@@ -86,8 +86,8 @@ FACTORS = ("lora_A", "lora_B")
 PACKED = "lora"
 TauValue = Union[float, torch.distributions.Distribution]
 #: How :class:`HierarchicalNormal` parametrises the task factors when some τ is learned and
-#: ``centered`` is not given: the parametrisation whose τ intervals pass simulation-based
-#: calibration under :func:`~bora_pyro.guides.learned_tau_guide` (``benchmarks/sbc.py``).
+#: ``centered`` is not given, for :func:`~bora_pyro.guides.learned_tau_guide`: the one whose τ
+#: interval came nearest NUTS's (``benchmarks/vi_vs_nuts.py``; not calibrated, ``benchmarks/sbc.py``).
 #: 0.0: decentred, z ~ Normal(0, 1), θ_d = Θ + τ^{-1/2}·z.
 LEARNED_TAU_CENTERED: bool | float = 0.0
 TauGroup = Callable[[AdaptedModule, str], str]

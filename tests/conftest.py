@@ -122,3 +122,12 @@ def loopback_env() -> dict[str, str]:
     """The environment for a torchrun of this machine's processes: gloo on the loopback interface
     (a host whose name resolves to an outside address would otherwise be tried)."""
     return {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model runs fastest on one thread, and a busy machine then slows it least."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

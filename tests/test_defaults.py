@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from bora_pyro.cli import main
 
@@ -37,16 +36,6 @@ def largest_task_perplexity(model: Path, data: Path, out: Path, *flags: str) -> 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == STEPS, f"{flags or 'the defaults'} stopped early, at step {metrics['steps']}"
     return metrics["test"]["tasks"][LARGE_TASK]["perplexity"]
-
-
-@pytest.fixture
-def one_thread():
-    """A tiny model runs fastest on one thread; on a busy 2-core machine two threads made this
-    test 14x slower (123 s against 9 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.usefixtures("one_thread")

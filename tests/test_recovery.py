@@ -37,15 +37,6 @@ HYPERPRIOR = dist.LogNormal(math.log(30.0), 2.0)  # the same for both τ*: 95 % 
 STEPS, LR, TAU_LR, INIT_SCALE = 300, 0.05, 0.1, 0.03
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model runs fastest on one thread, and a busy machine then slows it least."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def simulate(lm, prior, known: dict, tau: float, seed: int) -> torch.Tensor:
     """Draw the prior's sites given τ and the known values, then ``DOCS`` documents per task from
     the adapted LM: [TASKS·DOCS, LENGTH] token ids (the first token uniform, not scored)."""

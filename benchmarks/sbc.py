@@ -1,0 +1,451 @@
+"""Simulation-based calibration (Talts et al. 2018) of the learned τ, guide by guide.
+
+For replication r = 1..R, on the tiny model of :mod:`tiny_hierarchy` (D tasks, B_d ∈ R^{16×2}):
+
+    τ_r ~ LogNormal(TAU_LOC, TAU_SCALE),  Θ_r ~ Normal(0, 1),  θ_{r,d} ~ Normal(Θ_r, τ_r^{-1/2})
+    y_r ~ the adapted LM (``tiny_hierarchy.simulate``: documents of every task)
+    q_r = the guide fitted to y_r (full-batch SVI to a flat ELBO, ``tiny_hierarchy.fit_guide``)
+    rank_r = #{l ≤ L : τ_{r,l} < τ_r},   τ_{r,1..L} ~ q_r(τ) independent draws,   rank_r ∈ {0..L}.
+
+If q_r(τ) were the exact posterior p(τ | y_r), (τ_r, τ_{r,1..L}) would be exchangeable given y_r
+and rank_r ~ Uniform{0..L}: a ∪-shaped histogram means intervals too narrow (overconfident), a
+∩-shaped one too wide, a slope a biased τ. Uniformity test: the L + 1 ranks in ``BINS`` equal
+bins of (L + 1)/``BINS`` ranks, Pearson's χ² = Σ_b (n_b − R/BINS)² / (R/BINS) against χ²(BINS − 1);
+a guide passes at p ≥ ``ALPHA``.
+
+The model: :mod:`tiny_hierarchy`'s one-layer GPT-2 (vocabulary 16, width 16) with rank-2 LoRA at
+its MLP output, A fixed, D = 4 tasks of 40 documents of 16 tokens, Θ ~ Normal(0, 0.25), LoRA
+alpha 1. Not tiny_hierarchy's alpha 16 and Θ scale 1: there the adapter's output is ~5× the
+residual stream (rms 4.0 against 0.7), the final LayerNorm erases its magnitude, and no Gaussian
+guide tried came near the exact posterior (a full-rank Normal over all 161 numbers: τ's median
+2.6 where NUTS's was 1.7). At alpha 1 the adapter perturbs the residual stream (rms ≤ 0.26), as
+LoRA's does. Fits: Adam at lr 0.03 (factor locations) and 0.05 (log-scales, τ), halved at each
+flat window of 100 steps, stopped at the fourth flat window (``tiny_hierarchy.fit_guide``).
+
+The likelihood is :class:`CachedTinyLM`: the same numbers as the LM's forward pass (tested),
+without recomputing what the adapter cannot change.
+
+Vectorised replications: the R replications of a chunk are fitted as one Pyro program
+(:class:`ReplicatedPrior`: R independent copies of the tiny prior, R·D tasks). Its ELBO is the
+sum of the R replications' ELBOs over disjoint parameters, and Adam is elementwise, so each
+replication's parameters follow the updates of its own fit; only the stopping rule (a flat summed
+ELBO, the tolerance R times one fit's) is shared. One step then costs one LM pass over R·D·N
+documents instead of R passes, which is what makes R ≥ 100 per guide fit in the time.
+
+Run: ``python benchmarks/sbc.py --json benchmarks/results/sbc.json --png benchmarks/results/sbc.png
+--nuts 4`` (27 min for the four guides on 2 cores of an AMD EPYC, 2 workers; ``--nuts 4``: NUTS on
+the first 4 replications too, ~2 min each; ``--guides NAME --update``: rerun one guide, keep the
+file's other rows).
+
+Measured (100 replications, 99 draws; p of the χ² test, coverage of the true τ by the 90 %
+interval, its mean width in log τ, mean log(median / true τ)):
+
+    hybrid_offsets          p = 0        cover 0.25  width 0.39  bias +0.06   ∪: too narrow
+    mean_field_offsets      p = 0        cover 0.23  width 0.40  bias +0.06   ∪: too narrow
+    mean_field_noncentred   p = 1.4e-12  cover 0.69  width 1.35  bias +0.31   τ too large (the default)
+    conjugate_centred       p = 1.6e-8   cover 0.77  width 1.61  bias +0.31   τ too large
+
+No guide passes. The guides on offsets sit at the mean-field floor (width 2·1.645·√(2/(D·P)) =
+0.41) whatever the data say. The other two leave it and cover most, but put τ too high: NUTS on
+replications 0–3 ranks the true τ at 87, 61, 73, 73 of 99, the decentred mean-field guide at 87,
+51, 69, 63 and :func:`~bora_pyro.guides.structured.conjugate_guide` at 87, 45, 47, 69, so the
+skew is the guides', not the simulation's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer.reparam import LocScaleReparam
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_hierarchy import FixedAPrior, build_lm, fit_guide, simulate  # noqa: E402
+
+from bora_pyro import MultiTaskLM  # noqa: E402
+from bora_pyro.data import Batch  # noqa: E402
+from bora_pyro.guides import hybrid_guide, mean_field_guide  # noqa: E402
+from bora_pyro.guides.structured import conjugate_guide  # noqa: E402
+from bora_pyro.lora import AdaptedModule  # noqa: E402
+from bora_pyro.models import BoRA  # noqa: E402
+from bora_pyro.models.priors import site_name  # noqa: E402
+from bora_pyro.precision import machine_description  # noqa: E402
+
+TAU_LOC, TAU_SCALE = 1.4, 0.75  #: log τ ~ Normal(1.4, 0.75): τ's 90 % prior interval [1.2, 14]
+GLOBAL_SCALE = 0.25
+NUM_TASKS, DOCS_PER_TASK, DOC_LENGTH = 4, 40, 16
+LORA_ALPHA = 1.0
+NUM_DRAWS = 99  #: L: posterior draws of τ per replication, ranks 0..L
+BINS = 10  #: the χ² test's bins of (L + 1) / BINS = 10 ranks each
+ALPHA = 0.01  #: a guide passes the uniformity test at p ≥ ALPHA
+LR, LOG_SCALE_LR, MAX_STEPS = 0.03, 0.05, 4000
+
+
+def hyperprior() -> dist.LogNormal:
+    return dist.LogNormal(TAU_LOC, TAU_SCALE)
+
+
+class ReplicatedPrior:
+    """R independent copies of ``FixedAPrior(hyperprior, global_scale, centered)`` in one program.
+
+    In the plate ``replications`` of size R: τ [R] (site ``tau``) and Θ [R, out, r] (site
+    ``global.<m>.lora_B``); task k of the model's tasks plate (R·D tasks) is task k mod D of
+    replication ⌊k / D⌋, θ_k ~ Normal(Θ_{⌊k/D⌋}, τ_{⌊k/D⌋}^{-1/2}), in the parametrisation
+    ``centered`` of :class:`FixedAPrior` (same sites, with batch shape [R·D]). The fixed A is the
+    single prior's, so each replication's density is exactly ``FixedAPrior``'s.
+    """
+
+    def __init__(self, single: FixedAPrior, replications: int, tasks_per_replication: int):
+        self.single, self.replications, self.tasks_per_replication = single, replications, tasks_per_replication
+
+    def __call__(self, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        device, centered = tasks.device, self.single.centered
+        with pyro.plate("replications", self.replications, device=device):
+            tau = self.single.precision(modules, device)[""]  # [R]
+            globs = [pyro.sample(site_name("global", module.name, "lora_B"),
+                                 dist.Normal(torch.zeros(module.shape_B, device=device),
+                                             self.single.global_scale).to_event(2))
+                     for module in modules]  # [R, out, r] each
+        replication = torch.div(tasks.indices, self.tasks_per_replication, rounding_mode="floor")  # [K]
+        scale = tau[replication].rsqrt()[:, None, None]  # [K, 1, 1]
+        factors = {}
+        for index, (module, glob) in enumerate(zip(modules, globs)):
+            A = self.single.lora_A(module, index, device)
+            loc = glob[replication]  # [K, out, r]
+            name = site_name("task", module.name, "lora_B")
+            if centered is False:
+                with tasks:
+                    B = loc + pyro.sample(f"{name}_offset", dist.Normal(torch.zeros_like(loc), scale).to_event(2))
+            else:
+                reparam = {} if centered is True else {name: LocScaleReparam(float(centered))}
+                with poutine.reparam(config=reparam), tasks:
+                    B = pyro.sample(name, dist.Normal(loc, scale).to_event(2))
+            factors[module.name] = (A.expand(tasks.subsample_size, *A.shape), B)
+        return factors
+
+    def __repr__(self) -> str:
+        return f"ReplicatedPrior({self.single!r}, replications={self.replications})"
+
+
+class CachedTinyLM:
+    """The tiny LM's likelihood of one fixed set of documents, with all that the adapter cannot
+    change computed once; it stands in for the :class:`~bora_pyro.MultiTaskLM` inside
+    :class:`~bora_pyro.models.BoRA` (``modules_spec``, ``device``, ``adapters()``,
+    ``sequence_log_prob()``), so the model and the guides are the library's.
+
+    The adapted module is the MLP output projection of the LM's last block (GPT-2), whose output
+    reaches the logits through ``ln_f`` and ``lm_head`` only. For document n, token i, with x the
+    projection's input [in] and h the block's output without adapter [out] (both fixed given the
+    documents, computed once), task d's adapter gives
+
+        logits_{n,i} = lm_head(ln_f(h_{n,i} + scaling · B_d A_d x_{n,i})),
+
+    exactly what the full forward pass computes (``tests/test_sbc.py`` checks it), at a fraction of
+    its cost: a step skips the embeddings, attention and the MLP's first half.
+
+    Args:
+        lm: the tiny LM with one adapted module, the last block's ``mlp.c_proj``.
+        input_ids, attention_mask: [N, L] the documents (right-padded, as ``sequence_log_prob``).
+    """
+
+    def __init__(self, lm: MultiTaskLM, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        (name, layer), = lm.layers.items()
+        blocks = lm.model.transformer.h
+        if name != f"transformer.h.{len(blocks) - 1}.mlp.c_proj":
+            raise ValueError(f"the cached likelihood needs the last block's mlp.c_proj adapted, not {name}")
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [layer.register_forward_hook(lambda module, args, output: captured.update(inputs=args[0])),
+                 blocks[-1].register_forward_hook(lambda module, args, output: captured.update(
+                     hidden=output[0] if isinstance(output, tuple) else output))]
+        try:
+            with torch.no_grad(), lm.adapters_set({name: (None, None, None)}):
+                lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.name, self.scaling = name, layer.scaling
+        self.inputs, self.hidden = captured["inputs"], captured["hidden"]  # [N, L, in], [N, L, out]
+        self.final_norm, self.head = lm.model.transformer.ln_f, lm.model.lm_head
+        self.input_ids = input_ids
+        self.targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # position i predicts token i+1
+        self.predicted = torch.nn.functional.pad(attention_mask[:, 1:], (0, 1)).float()
+        self.modules_spec, self.device = lm.modules_spec, lm.device
+        self.factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def adapters(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], row_tasks: torch.Tensor) -> Iterator[None]:
+        """Within the block, row b uses task ``row_tasks[b]`` of ``factors`` (A [T, r, in], B [T, out, r])."""
+        self.factors = (*factors[self.name], row_tasks)
+        try:
+            yield
+        finally:
+            self.factors = None
+
+    def sequence_log_prob(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N] each document's Σ_i log p(w_{i+1} | w_{≤i}) under the adapters set, as
+        :meth:`MultiTaskLM.sequence_log_prob <bora_pyro.MultiTaskLM.sequence_log_prob>`; only
+        for the documents given at construction."""
+        if input_ids is not self.input_ids:
+            raise ValueError("CachedTinyLM scores only the documents it was built for")
+        A, B, row_tasks = self.factors
+        A, B = A.index_select(0, row_tasks), B.index_select(0, row_tasks)  # [N, r, in], [N, out, r]
+        hidden = torch.baddbmm(self.hidden, self.inputs @ A.transpose(1, 2), B.transpose(1, 2), alpha=self.scaling)
+        logits = self.head(self.final_norm(hidden)).float()
+        token_nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), self.targets.flatten(), reduction="none")
+        return -(token_nll.view_as(self.predicted) * self.predicted).sum(-1)
+
+
+@dataclass
+class Chunk:
+    """R simulated replications: their true τ [R] and all their documents as one full batch
+    (replication r's task d is the model's task r·D + d)."""
+
+    seeds: list[int]
+    true_tau: torch.Tensor
+    batch: Batch
+
+
+def simulate_chunk(seeds: Sequence[int]) -> Chunk:
+    """One replication per seed: τ, Θ, θ_d from the prior and documents from the tiny LM."""
+    lm = build_lm(alpha=LORA_ALPHA)
+    prior = FixedAPrior(hyperprior(), GLOBAL_SCALE, centered=False)
+    taus, batches = [], []
+    for seed in seeds:
+        truth, batch = simulate(lm, prior, NUM_TASKS, DOCS_PER_TASK, DOC_LENGTH, seed)
+        taus.append(truth["tau"])
+        batches.append(batch)
+    ids = torch.cat([batch.input_ids for batch in batches])
+    task_ids = torch.cat([batch.task_ids + r * NUM_TASKS for r, batch in enumerate(batches)])
+    return Chunk(list(seeds), torch.stack(taus), Batch(ids, torch.ones_like(ids), task_ids, torch.arange(len(ids)), len(ids)))
+
+
+#: name → (the task factors' parametrisation, guide constructor): the guides compared.
+GUIDES: dict[str, tuple[bool | float, Callable]] = {
+    "hybrid_offsets": (False, hybrid_guide),
+    "mean_field_offsets": (False, mean_field_guide),
+    "mean_field_noncentred": (0.0, mean_field_guide),
+    "conjugate_centred": (True, conjugate_guide),
+}
+#: The library's default for a learned τ (``HierarchicalNormal(centered=LEARNED_TAU_CENTERED)``
+#: under ``learned_tau_guide``): mean-field on decentred task factors. It does not pass (see the
+#: module docstring); no guide measured here does.
+DEFAULT_GUIDE = "mean_field_noncentred"
+
+
+def fit_chunk(guide_name: str, chunk: Chunk, seed: int) -> dict:
+    """Fit ``guide_name`` to every replication of ``chunk`` (one program) and rank the true τ
+    among ``NUM_DRAWS`` draws of q(τ) per replication."""
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    centered, make_guide = GUIDES[guide_name]
+    replications = len(chunk.seeds)
+    lm = CachedTinyLM(build_lm(alpha=LORA_ALPHA), chunk.batch.input_ids, chunk.batch.attention_mask)
+    prior = ReplicatedPrior(FixedAPrior(hyperprior(), GLOBAL_SCALE, centered=centered), replications, NUM_TASKS)
+    model = BoRA(lm, prior, replications * NUM_TASKS)
+    guide = make_guide(model)
+    trace = fit_guide(model, guide, chunk.batch, MAX_STEPS, LR, LOG_SCALE_LR, tolerance=0.05 * replications)
+    with torch.no_grad():
+        draws = torch.stack([guide(chunk.batch)["tau"] for _ in range(NUM_DRAWS)])  # [L, R]
+    log_draws = draws.log()
+    low, high = torch.quantile(log_draws, torch.tensor([0.05, 0.95]), dim=0)
+    true_log_tau = chunk.true_tau.log()
+    return {
+        "guide": guide_name,
+        "seeds": chunk.seeds,
+        "ranks": (draws < chunk.true_tau).sum(0).tolist(),
+        "true_tau": chunk.true_tau.tolist(),
+        "posterior_median_tau": draws.median(0).values.tolist(),
+        "width_90_log_tau": (high - low).tolist(),
+        "covered_90": ((low <= true_log_tau) & (true_log_tau <= high)).tolist(),
+        "fit": trace.summary(100),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def nuts_check(seed: int) -> dict:
+    """NUTS (``vi_vs_nuts.run_nuts``: 2 chains, 200 warmup + 250 draws each) on replication
+    ``seed`` alone, its task factors decentred: the exact posterior's median and 90 % interval of
+    τ, and the rank of the true τ among ``NUM_DRAWS`` of its draws (evenly thinned), to hold
+    against each guide's rank on the same replication."""
+    from vi_vs_nuts import Settings, run_nuts
+
+    torch.set_num_threads(1)
+    chunk = simulate_chunk([seed])
+    lm = CachedTinyLM(build_lm(alpha=LORA_ALPHA), chunk.batch.input_ids, chunk.batch.attention_mask)
+    model = BoRA(lm, FixedAPrior(hyperprior(), GLOBAL_SCALE, centered=0.0), NUM_TASKS)
+    result = run_nuts(model, chunk.batch, Settings(chains=2, warmup=200, draws_per_chain=250, max_tree_depth=7, seed=seed))
+    tau = result.pooled()["tau"]
+    thinned = tau[torch.linspace(0, len(tau) - 1, NUM_DRAWS).round().long()]
+    low, median, high = torch.quantile(tau, torch.tensor([0.05, 0.5, 0.95])).tolist()
+    return {"seed": seed, "true_tau": float(chunk.true_tau[0]), "median": median, "ci90": [low, high],
+            "rank": int((thinned < chunk.true_tau[0]).sum()), "rhat_max": result.diagnostics()["tau"]["rhat_max"],
+            "seconds": round(result.seconds, 1)}
+
+
+def chi_square_uniformity(ranks: Sequence[int], num_draws: int, bins: int) -> tuple[list[int], float, float]:
+    """Counts of ``ranks`` ∈ {0..num_draws} in ``bins`` equal bins, Pearson's χ² statistic of
+    uniformity and its p-value (df = bins − 1, from ``torch.distributions.Chi2``; 0.0 below float
+    precision)."""
+    if (num_draws + 1) % bins:
+        raise ValueError(f"{num_draws + 1} ranks do not split into {bins} equal bins")
+    counts = torch.bincount(torch.tensor(ranks) * bins // (num_draws + 1), minlength=bins).double()
+    expected = len(ranks) / bins
+    statistic = float(((counts - expected) ** 2 / expected).sum())
+    p_value = 1.0 - float(torch.distributions.Chi2(torch.tensor(float(bins - 1), dtype=torch.float64)).cdf(
+        torch.tensor(statistic, dtype=torch.float64)))
+    return counts.long().tolist(), statistic, p_value
+
+
+def parametrisation(centered: bool | float) -> str:
+    """The task factors' parametrisation in words (``centered`` as :class:`FixedAPrior` takes it)."""
+    if isinstance(centered, bool):
+        return "centred" if centered else "offsets"
+    return f"LocScaleReparam({centered:g})"
+
+
+def summarise(results: list[dict], replications: int) -> dict:
+    """Per guide: ranks in seed order, the χ² test, the 90 % intervals' coverage and width, the fits."""
+    summary = {}
+    for name in dict.fromkeys(result["guide"] for result in results):
+        chunks = sorted((result for result in results if result["guide"] == name), key=lambda result: result["seeds"][0])
+        column = {key: [value for chunk in chunks for value in chunk[key]]
+                  for key in ("ranks", "true_tau", "posterior_median_tau", "width_90_log_tau", "covered_90")}
+        counts, statistic, p_value = chi_square_uniformity(column["ranks"], NUM_DRAWS, BINS)
+        summary[name] = {
+            "ranks": column["ranks"],
+            "num_draws": NUM_DRAWS,
+            "p_value": p_value,
+            "chi_square": statistic,
+            "passes": p_value >= ALPHA,
+            "bin_counts": counts,
+            "coverage_90": sum(column["covered_90"]) / replications,
+            "mean_width_90_log_tau": sum(column["width_90_log_tau"]) / replications,
+            "mean_log_ratio_median_to_true": sum(math.log(m / t) for m, t in zip(column["posterior_median_tau"], column["true_tau"]))
+            / replications,
+            "parametrisation": parametrisation(GUIDES[name][0]),
+            "fits": [chunk["fit"] for chunk in chunks],
+        }
+    return summary
+
+
+def plot(summary: dict, replications: int, path: str) -> None:
+    """One rank histogram per guide (``BINS`` bins), with the expected count and the central 99 %
+    band of a bin's count under uniformity (Binomial(R, 1/BINS))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    expected = replications / BINS
+    band = torch.distributions.Binomial(replications, torch.tensor(1 / BINS))
+    support = torch.arange(replications + 1, dtype=torch.float64)
+    cdf = band.log_prob(support).exp().cumsum(0)
+    low, high = int((cdf < 0.005).sum()), int((cdf < 0.995).sum())
+    figure, axes = plt.subplots(1, len(summary), figsize=(3.2 * len(summary), 3.0), sharey=True, squeeze=False)
+    for axis, (name, row) in zip(axes[0], summary.items()):
+        axis.axhspan(low, high, color="0.85", label="99 % band")
+        axis.axhline(expected, color="0.4", lw=1)
+        axis.bar(range(BINS), row["bin_counts"], width=0.9, color="tab:blue" if row["passes"] else "tab:red")
+        axis.set_title(f"{name}\np = {row['p_value']:.2g}, cover {row['coverage_90']:.0%}", fontsize=8)
+        axis.set_xticks(range(BINS), [f"{b * (NUM_DRAWS + 1) // BINS}" for b in range(BINS)], fontsize=6)
+        axis.set_xlabel(f"rank of true τ among {NUM_DRAWS} draws (bin start)", fontsize=7)
+    axes[0][0].set_ylabel(f"replications (of {replications})", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--png", help="write the rank histograms here")
+    parser.add_argument("--replications", type=int, default=100)
+    parser.add_argument("--chunk", type=int, default=50, help="replications fitted as one program")
+    parser.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
+    parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES))
+    parser.add_argument("--nuts", type=int, default=0, help="also run NUTS on the first N replications")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other guides' rows (and NUTS's, without --nuts) of the --json file")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    seeds = [list(range(first, min(first + args.chunk, args.replications)))
+             for first in range(0, args.replications, args.chunk)]
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers) as pool:
+        chunks = pool.map(simulate_chunk, seeds)
+        print(f"{time.perf_counter() - start:5.0f} s  {args.replications} replications simulated", flush=True)
+        jobs = [(name, chunk, index) for name in args.guides for index, chunk in enumerate(chunks)]
+        results = []
+        for result in pool.imap_unordered(fit_job, jobs):
+            results.append(result)
+            print(f"{time.perf_counter() - start:5.0f} s  {result['guide']}: replications {result['seeds'][0]}–"
+                  f"{result['seeds'][-1]} fitted ({result['fit']['steps']} steps, {result['seconds']:.0f} s)", flush=True)
+        nuts = pool.map(nuts_check, range(args.nuts))
+    summary = summarise(results, args.replications)
+    ran = {"guides": list(args.guides), "nuts": bool(nuts), "seconds": round(time.perf_counter() - start, 1),
+           "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    runs = [ran]
+    if args.update and args.json and Path(args.json).exists():
+        previous = json.loads(Path(args.json).read_text())
+        if previous["replications"] != args.replications:
+            raise SystemExit(f"--update: {args.json} holds {previous['replications']} replications, this run "
+                             f"{args.replications}; rerun every guide instead")
+        summary = {name: row for name, row in previous["guides"].items() if name not in summary} | summary
+        nuts = nuts or previous.get("nuts_check", [])
+        runs = previous.get("runs", [{"guides": list(previous["guides"]), "seconds": previous["seconds"]}]) + runs
+    summary = {name: summary[name] for name in GUIDES if name in summary}
+    for check in nuts:
+        check["guide_ranks"] = {name: row["ranks"][check["seed"]] for name, row in summary.items()}
+    report = {
+        "replications": args.replications,
+        "default_guide": DEFAULT_GUIDE,
+        "guides": summary,
+        "uniformity_test": f"Pearson χ² over {BINS} equal bins of the ranks 0..{NUM_DRAWS} "
+                           f"({(NUM_DRAWS + 1) // BINS} ranks a bin), df = {BINS - 1}, p from "
+                           f"torch.distributions.Chi2; a guide passes at p ≥ {ALPHA}",
+        "passing": [name for name, row in summary.items() if row["passes"]],
+        "nuts_check": nuts,
+        "runs": runs,
+        "settings": {"tasks": NUM_TASKS, "docs_per_task": DOCS_PER_TASK, "doc_length": DOC_LENGTH,
+                     "lora_alpha": LORA_ALPHA, "rank": 2, "tau_prior": f"LogNormal({TAU_LOC}, {TAU_SCALE})",
+                     "global_scale": GLOBAL_SCALE, "lr": LR, "log_scale_lr": LOG_SCALE_LR, "max_steps": MAX_STEPS,
+                     "chunk": args.chunk, "workers": args.workers},
+        "machine": {**machine_description(), "platform": platform.platform()},
+        "seconds": sum(run["seconds"] for run in runs),
+    }
+    for name, row in summary.items():
+        print(f"{name:24s} p = {row['p_value']:.3g} ({'passes' if row['passes'] else 'fails'}), 90 % coverage "
+              f"{row['coverage_90']:.2f}, width of log τ {row['mean_width_90_log_tau']:.2f}, bins {row['bin_counts']}")
+    for check in nuts:
+        print(f"NUTS on replication {check['seed']}: true τ {check['true_tau']:.3g}, median {check['median']:.3g}, "
+              f"rank {check['rank']} (R-hat {check['rhat_max']:.3f}); the guides' ranks {check['guide_ranks']}")
+    print(f"{report['seconds']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.png:
+        plot(summary, args.replications, args.png)
+    return report
+
+
+def fit_job(job: tuple[str, Chunk, int]) -> dict:
+    """``fit_chunk`` of one (guide, chunk, chunk index) job: the fit's seed is the chunk index."""
+    name, chunk, index = job
+    return fit_chunk(name, chunk, seed=index)
+
+
+if __name__ == "__main__":
+    main()
