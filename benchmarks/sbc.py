@@ -381,6 +381,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--update", action="store_true",
                         help="keep the other guides' rows (and NUTS's, without --nuts) of the --json file")
     args = parser.parse_args(argv)
+    if args.update and args.json and Path(args.json).exists():  # before the fits, not after them
+        kept = json.loads(Path(args.json).read_text())["replications"]
+        if kept != args.replications:
+            raise SystemExit(f"--update: {args.json} holds {kept} replications, this run {args.replications}; "
+                             "rerun every guide instead")
     start = time.perf_counter()
     seeds = [list(range(first, min(first + args.chunk, args.replications)))
              for first in range(0, args.replications, args.chunk)]
@@ -401,9 +406,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = [ran]
     if args.update and args.json and Path(args.json).exists():
         previous = json.loads(Path(args.json).read_text())
-        if previous["replications"] != args.replications:
-            raise SystemExit(f"--update: {args.json} holds {previous['replications']} replications, this run "
-                             f"{args.replications}; rerun every guide instead")
         summary = {name: row for name, row in previous["guides"].items() if name not in summary} | summary
         nuts = nuts or previous.get("nuts_check", [])
         runs = previous.get("runs", [{"guides": list(previous["guides"]), "seconds": previous["seconds"]}]) + runs

@@ -169,11 +169,10 @@ class ConjugateTaskNormal(TaskwiseMixin, AutoGuide):
         entry of Θ, as for a centred hierarchical Normal)."""
         hyper = {name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()
                  if name in self.hyper_names}
-        indices = {name: torch.arange(site["value"].numel(), dtype=torch.float64).reshape(site["value"].shape)
+        indices = {name: torch.arange(site["value"].numel()).reshape(site["value"].shape).to(site["value"])
                    for name, site in self.global_sites.items()}
         with torch.autocast("cpu", enabled=False):
-            priors = self.run_prior(hyper | {name: value.to(site["value"]) for (name, site), value in
-                                             zip(self.global_sites.items(), indices.values())})
+            priors = self.run_prior(hyper | indices)
         selections = {}
         for name in self.task_sites:
             loc, size = priors[name][0], self.global_sites[global_site_of(name)]["value"].numel()
@@ -198,8 +197,7 @@ class ConjugateTaskNormal(TaskwiseMixin, AutoGuide):
             mean_i      = (μ₀_i/g_i² + Σ_{(d,j) → i} w_{d,j} m_{d,j}) / precision_i
         """
         prior_loc, prior_scale = priors[name]
-        precision, weighted = prior_scale.pow(-2).flatten().clone(), (prior_loc * prior_scale.pow(-2)).flatten().clone()
-        precision, weighted = torch.nan_to_num(precision), torch.nan_to_num(weighted)
+        precision, weighted = prior_scale.pow(-2).flatten(), (prior_loc * prior_scale.pow(-2)).flatten()  # 0 where flat
         for task_name, selection in self.selections.items():
             if global_site_of(task_name) != name:
                 continue
