@@ -186,7 +186,7 @@ class ConjugateTaskNormal(TaskwiseMixin, AutoGuide):
     def pseudo_observations(self, name: str, tasks: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """m and s² of site ``name`` for ``tasks`` (None: all D), [K, ...]."""
         key = rows_key(name)
-        return self.task_locs[key](tasks), torch.exp(2 * self.task_log_scales[key](tasks))
+        return self.task_rows("task_locs")[key](tasks), torch.exp(2 * self.task_rows("task_log_scales")[key](tasks))
 
     def global_conditional(self, name: str, priors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and sd of q(Θ | u) for global site ``name``: its prior Normal(μ₀, g²) times, for

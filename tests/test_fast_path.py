@@ -176,3 +176,17 @@ def test_guides_own_their_parameters(setup):
     second(batch)
     assert not torch.equal(second.median()["global.lora"], first.median()["global.lora"])
     assert {id(p) for p in first.parameters()}.isdisjoint(id(p) for p in second.parameters())
+
+
+@pytest.mark.parametrize("make_guide", [map_guide, mean_field_guide])
+def test_a_guide_run_issues_no_statement_per_task_leaf(setup, make_guide):
+    """Reading the per-task leaves costs nothing per task: a PyroModule attribute read of an
+    ``nn.ModuleDict`` issues one param statement per leaf, D per task site on every read."""
+    lm, corpus = setup
+    model = BoRA(lm, HierarchicalNormal(TAU, centered=True), corpus.num_tasks)
+    guide = make_guide(model)
+    batch = corpus.train.collate([0, 1], corpus.pad_token_id)
+    guide(batch)
+    trace = poutine.trace(guide).get_trace(batch)
+    params = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+    assert params and not [name for name in params if ".rows." in name], params
