@@ -11,7 +11,8 @@ informed by hundreds of tokens per task. On a grid of u = log τ (Rue, Martino &
 
 J is dense within a task (the LM's Hessian in θ_d, by autograd) plus the prior's precision, which
 couples Θ to every θ_d. Only the Gaussian approximation of p(x | y, τ) is assumed; where NUTS was
-run (replications 0–3 of ``sbc.py``) the medians agree within 7 % and the 90 % intervals' ends within 11 %.
+run (replications 0–3 of ``sbc.py``) the medians agree within 7 % and the 90 % intervals' ends
+within 11 %.
 On ``sbc.py``'s grid (the hyperprior's loc ± 5 sd, 41 points) the 3 outermost points at either end
 held < 1e-5 of the posterior on replications 0–5. Cost: P backward passes of the cached LM per
 Newton step (2–6 steps per grid point); all replications of a chunk at once (their tasks are
