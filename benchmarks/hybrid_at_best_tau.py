@@ -9,8 +9,8 @@ MAP, the lag comes from the mean-field posterior of Θ, not from the task factor
     python benchmarks/hybrid_at_best_tau.py --json benchmarks/results/hybrid_at_best_tau.json
 
 Measured (2 cores of an AMD EPYC, alone, 319 s): test perplexity 109.10 (MAP 109.30, mean-field
-116.49, same seed), best validation check at step 520 of 600 (stopped by the cap, not improving); the task factors' posterior sd
-0.0317 against their prior sd 0.0316 (contraction −0.007): with Θ a point, the documents do not
+116.49, same seed), best validation check at step 520 of 600 (stopped by the cap, not improving);
+the task factors' posterior sd 0.0317 against their prior sd 0.0316 (contraction −0.007): with Θ a point, the documents do not
 narrow a single task entry below the prior, and predicting from the posterior mean costs nothing.
 """
 
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import shakespeare_speakers as main_job  # noqa: E402
 
-from bora_pyro import MultiTaskCorpus, MultiTaskLM, load_tokenizer  # noqa: E402
+from bora_pyro import MultiTaskLM  # noqa: E402
 from bora_pyro.guides import hybrid_guide  # noqa: E402
 from bora_pyro.models import BoRA, prior_from_tau  # noqa: E402
 from bora_pyro.precision import machine_description  # noqa: E402
@@ -44,8 +44,7 @@ def main(argv=None) -> dict:
     speakers = main_job.select_speakers(main_job.load_plays())
     base = pretrain_base(speakers.base_texts, args.cache_dir, BaseModelConfig(), progress=False)  # cached
     lm = MultiTaskLM.from_pretrained(base, rank=args.rank, alpha=args.alpha)
-    corpus = MultiTaskCorpus([(r["task"], r["text"]) for r in speakers.tasks], load_tokenizer(base),
-                             max_length=args.max_length, test_size=0.33, validation_size=0.15, seed=0)
+    corpus = main_job.speaker_corpus(speakers, base, lm, args.max_length)
     model = BoRA(lm, prior_from_tau(TAU, centered=False), corpus.num_tasks)
     record = main_job.fit_and_test(model, hybrid_guide(model, seed=SEED), corpus, SEED, args)
     main_job.print_run(f"τ={TAU:g} seed={SEED} hybrid", record)

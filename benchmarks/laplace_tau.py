@@ -82,9 +82,16 @@ def laplace_log_evidence(log_likelihood, replications: int, tasks: int, size: in
             likelihood = log_likelihood(x[:, size:].reshape(-1, size).float()).double()
         return likelihood.view(replications, tasks).sum(1) + log_prior(x, prior, tau)
 
+    last: list = [None, None]  # x and likelihood_terms there: a run's mode is where the next run starts
+
+    def likelihood_at(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if last[0] is None or not torch.equal(last[0], x):
+            last[:] = x, likelihood_terms(log_likelihood, x[:, size:].reshape(-1, size))
+        return last[1]
+
     def terms(x: torch.Tensor, prior: torch.Tensor, tau: float):
         """log p(y, x | τ) [R], its gradient [R, n] and J = −Hessian [R, n, n]."""
-        values, gradient, hessian = likelihood_terms(log_likelihood, x[:, size:].reshape(-1, size))
+        values, gradient, hessian = likelihood_at(x)
         precision = prior.expand(replications, n, n).clone()
         for d in range(tasks):
             block = slice((d + 1) * size, (d + 2) * size)

@@ -262,6 +262,8 @@ GUIDES: dict[str, tuple[bool | float, Callable]] = {
 REFERENCE = "laplace_grid"
 #: Its grid of log τ: the hyperprior's loc ± 5 sd (the posterior lies well inside), 41 points.
 LAPLACE_GRID = torch.linspace(TAU_LOC - 5 * TAU_SCALE, TAU_LOC + 5 * TAU_SCALE, 41, dtype=torch.float64)
+#: What ``--guides`` may name: the guides, and the reference (run only when named).
+METHODS = [*GUIDES, REFERENCE]
 #: The library's default for a learned τ (``HierarchicalNormal(centered=LEARNED_TAU_CENTERED)``
 #: under ``learned_tau_guide``): mean-field on decentred task factors. It does not pass (see the
 #: module docstring); no guide measured here does.
@@ -433,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--replications", type=int, default=100)
     parser.add_argument("--chunk", type=int, default=50, help="replications fitted as one program")
     parser.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
-    parser.add_argument("--guides", nargs="+", default=[*GUIDES, REFERENCE], choices=[*GUIDES, REFERENCE])
+    parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=METHODS)
     parser.add_argument("--nuts", type=int, default=0, help="also run NUTS on the first N replications")
     parser.add_argument("--update", action="store_true",
                         help="keep the other guides' rows (and NUTS's, without --nuts) of the --json file")
@@ -466,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary = {name: row for name, row in previous["guides"].items() if name not in summary} | summary
         nuts = nuts or previous.get("nuts_check", [])
         runs = previous.get("runs", [{"guides": list(previous["guides"]), "seconds": previous["seconds"]}]) + runs
-    summary = {name: summary[name] for name in [*GUIDES, REFERENCE] if name in summary}
+    summary = {name: summary[name] for name in METHODS if name in summary}
     for check in nuts:
         check["guide_ranks"] = {name: row["ranks"][check["seed"]] for name, row in summary.items()}
     report = {

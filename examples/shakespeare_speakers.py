@@ -195,6 +195,14 @@ def clustered_fit(lm, corpus, tau: float, seed: int, args) -> dict:
     return record
 
 
+def speaker_corpus(speakers, base_dir, lm: MultiTaskLM, max_length: int) -> MultiTaskCorpus:
+    """The speakers' speeches in the base model's tokens, at most ``max_length`` (and the base's
+    positions) each, split per speaker: 33 % test, 15 % of the rest validation, seed 0."""
+    return MultiTaskCorpus([(r["task"], r["text"]) for r in speakers.tasks], load_tokenizer(base_dir),
+                           max_length=min(max_length, lm.max_positions or max_length),
+                           test_size=0.33, validation_size=0.15, seed=0)
+
+
 def mean_over_seeds(runs: list[dict]) -> dict:
     """One sweep entry from the runs of one τ: means over seeds, with the spread."""
     perplexities = [run["perplexity"] for run in runs]
@@ -247,9 +255,7 @@ def main(argv=None) -> int:
     else:
         base_dir, base_info = args.model, {"model": args.model}
     lm = MultiTaskLM.from_pretrained(base_dir, rank=args.rank, alpha=args.alpha).to(args.device)
-    max_length = min(args.max_length, lm.max_positions or args.max_length)
-    corpus = MultiTaskCorpus([(r["task"], r["text"]) for r in speakers.tasks], load_tokenizer(base_dir),
-                             max_length=max_length, test_size=0.33, validation_size=0.15, seed=0)
+    corpus = speaker_corpus(speakers, base_dir, lm, args.max_length)
     counts = corpus.counts()
     base_test = evaluate_base(lm, corpus, "test")
     print(f"{corpus}; base model test ppl {base_test['perplexity']:.2f}", flush=True)
