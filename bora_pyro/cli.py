@@ -1,4 +1,4 @@
-"""Command line: ``bora-pyro fit|evaluate|export|predict|generate|diagnose`` (also ``python -m bora_pyro``)."""
+"""Command line: ``bora-pyro fit|evaluate|export|predict|ppc|generate|diagnose`` (also ``python -m bora_pyro``)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ import datasets
 import transformers
 
 from . import distributed
-from .cli_predict import SEPARATOR, add_generate_arguments, add_predict_arguments, run_generate, run_predict
+from .cli_model import FLAT, add_model_arguments
+from .cli_predict import (
+    SEPARATOR, add_generate_arguments, add_ppc_arguments, add_predict_arguments, run_generate, run_ppc, run_predict,
+)
 from .errors import BoRAError, CheckpointError, ConfigError, DataError, FitError, FitInterrupted
 from .evaluate import evaluate, evaluate_base
 from .export import check_request, export_peft, export_peft_all, save_merged
 from .diagnostics import diagnose
 from .fit import fit
 from .run import (
-    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, PRIORS, RunConfig, build_lm, build_model,
+    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, RunConfig, build_lm, build_model,
     check_base_model, load_checkpoint, load_corpus, load_run, read_config, save_checkpoint, save_config, save_run,
 )
 
@@ -38,57 +41,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-FLAT = "flat"
-
-
-def scale_or_flat(text: str) -> float | str:
-    """``--global-scale``: a number, or ``FLAT`` (``global_scale=None`` in the config)."""
-    return FLAT if text.lower() in ("flat", "none") else float(text)
-
-
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``fit``. None of them has a default here: a flag the user did not type stays
     None, so ``--resume`` can tell what was typed (even a value equal to the default) from what
     was not, and :func:`config_from_args` fills the rest from :class:`RunConfig`'s defaults."""
     defaults = RunConfig(model="")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    parser.add_argument("--model", help="hub name or local folder of a causal LM")
+    add_model_arguments(parser)
     parser.add_argument("--data", help="a .jsonl/.json/.csv file, one document per row")
     parser.add_argument("--task-field", help=f"column naming each row's task (default {defaults.task_field!r})")
     parser.add_argument("--text-field", help=f"column holding each row's text (default {defaults.text_field!r})")
-    parser.add_argument("--prior", choices=PRIORS, help=f"default {defaults.prior}")
-    parser.add_argument("--tau", type=float,
-                        help=f"precision τ of tasks around the global adapter (default {defaults.tau:g})")
-    parser.add_argument("--global-scale", type=scale_or_flat,
-                        help="prior scale of the global factors (or of the task factors for --prior "
-                             "independent); 'flat' for the paper's improper prior (MAP only); "
-                             f"default {defaults.global_scale:g}")
-    parser.add_argument("--tau-prior", metavar="SPEC",
-                        help="learn τ under this hyperprior instead of fixing it: gamma:SHAPE,RATE or "
-                             "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; without --guide and a centring flag, the "
-                             "learned-τ default: mean-field on decentred task factors (its interval is too narrow: benchmarks/sbc.py)")
-    parser.add_argument("--tau-per", choices=("all", "layer", "module", "factor", "module-factor"),
-                        help="one τ for all adapted modules (the default), or one per layer, module, "
-                             "factor (A vs B) or module and factor")
-    centring = parser.add_mutually_exclusive_group()
-    centring.add_argument("--non-centered", dest="centered", action="store_const", const=False,
-                          help="sample task offsets θ_d − Θ (the default for a fixed τ): Θ moves every task at once, "
-                               "and one lr serves every τ")
-    centring.add_argument("--centered", dest="centered", action="store_const", const=True,
-                          help="sample θ_d itself: Θ then moves only through the prior's pull, and learns the "
-                               "shared part slowly")
-    centring.add_argument("--decentered", dest="centered", action="store_const", const=0.0,
-                          help="sample z ~ Normal(0, 1), θ_d = Θ + τ^(-1/2)·z (LocScaleReparam; the default for a "
-                               "learned τ)")
     parser.add_argument("--guide", choices=GUIDES,
                         help="map = the paper's estimator (the default for a fixed τ; with --tau-prior: mean-field)")
     parser.add_argument("--init-scale", type=float,
                         help="initial standard deviation of every mean-field scale (default: a tenth of each "
                              "site's prior sd, at most 0.01)")
-    parser.add_argument("--rank", type=int, help=f"LoRA rank r (default {defaults.rank})")
-    parser.add_argument("--alpha", type=float, help=f"LoRA alpha: the update is (alpha/r)·B A (default {defaults.alpha:g})")
-    parser.add_argument("--target-modules", nargs="+",
-                        help="module names (last component) or globs; default: per architecture")
     parser.add_argument("--max-length", type=int, help=f"tokens per document, EOS included (default {defaults.max_length})")
     parser.add_argument("--test-size", type=float, help=f"fraction of each task's docs for test (default {defaults.test_size:g})")
     parser.add_argument("--validation-size", type=float,
@@ -328,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_export_arguments(commands.add_parser("export", help="write a task's adapter as a peft adapter or a merged model"))
     add_predict_arguments(commands.add_parser(
         "predict", help="per-task perplexity under posterior draws of the adapters: credible intervals, BMA, as JSON"))
-    add_generate_arguments(commands.add_parser("generate", help="text from a task's adapter"))
+    add_ppc_arguments(commands.add_parser(
+        "ppc", help="posterior predictive checks: replicated vs held-out documents per task, p-values, as JSON"))
+    add_generate_arguments(commands.add_parser("generate", help="text from a task's adapter, or from the prior"))
     diagnose_parser = commands.add_parser(
         "diagnose", help="whether a fit converged and its posterior moved from its start and prior, as JSON")
     diagnose_parser.add_argument("run_dir")
@@ -342,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with one_line_warnings(args.command):
             output = {"fit": run_fit, "evaluate": run_evaluate, "export": run_export, "predict": run_predict,
-                      "generate": run_generate, "diagnose": run_diagnose}[args.command](args)
+                      "generate": run_generate, "diagnose": run_diagnose, "ppc": run_ppc}[args.command](args)
     except BoRAError as error:
         print(f"bora-pyro {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR

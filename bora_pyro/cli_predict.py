@@ -1,20 +1,24 @@
-"""Command line of posterior predictive analysis: ``bora-pyro predict`` and ``bora-pyro generate``."""
+"""Command line of posterior predictive analysis: ``bora-pyro predict``, ``ppc`` and ``generate``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pyro
 
+from .cli_model import FLAT, add_model_arguments
 from .data import Batch, MultiTaskCorpus
 from .errors import BoRAError, ConfigError, DataError
 from .export import task_index
 from .generation import generate
 from .predictive import (
-    global_factors, guide_draws, new_task_factors, new_task_perplexity, posterior_factors, sample_perplexities,
-    shrinkage,
+    global_factors, guide_draws, new_task_calibration, new_task_factors, new_task_perplexity, posterior_factors,
+    predictive_calibration, prior_adapters, sample_perplexities, shrinkage,
 )
-from .run import Run, load_corpus, load_run, read_config
+from .plots import plot_ppc
+from .ppc import posterior_predictive_check, task_texts
+from .run import Run, RunConfig, build_lm, load_corpus, load_run, make_dir, make_prior, read_config, write_json
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +31,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=0.9, help="mass of the credible intervals (default 0.9)")
     parser.add_argument("--shrinkage", action="store_true",
                         help="also report ‖θ_d − Θ‖ and the posterior spread of each task's factors")
+    parser.add_argument("--calibration", action=argparse.BooleanOptionalAction, default=True,
+                        help="NLL, Brier score and ECE (15 equal-width bins) of the next-token predictions of the "
+                             "plug-in, one draw and the model average (default on; --no-calibration skips "
+                             "its S + 1 passes over the documents)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
 
@@ -65,10 +73,16 @@ def run_predict(args: argparse.Namespace) -> dict:
             run_tasks, corpus.pad_token_id, plugin=run.model.task_factors(run.guide.median()),
             interval=args.interval, batch_size=args.batch_size)
         output |= {"perplexity": report["perplexity"], "tasks": report["tasks"]}
+        if args.calibration:
+            output["calibration"] = predictive_calibration(run.model, run.guide, seen, run_tasks, corpus.pad_token_id,
+                                                           args.samples, args.batch_size)
     if unseen_names:
         report = new_task_perplexity(run.model, run.guide, unseen, unseen_names, corpus.pad_token_id,
                                      num_samples=args.samples, interval=args.interval, batch_size=args.batch_size)
         output["unseen"] = {"perplexity": report["perplexity"], "tasks": report["tasks"]}
+        if args.calibration:
+            output["unseen"]["calibration"] = new_task_calibration(
+                run.model, run.guide, unseen, unseen_names, corpus.pad_token_id, args.samples, args.batch_size)
     if args.shrinkage:
         sizes = (corpus if args.data is None else load_corpus(run.config, run.tokenizer)).counts()
         output["shrinkage"] = shrinkage(run.model, run.guide, {n: c["train_docs"] for n, c in sizes.items()},
@@ -76,13 +90,48 @@ def run_predict(args: argparse.Namespace) -> dict:
     return output
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_ppc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir")
+    parser.add_argument("--samples", type=int, default=20,
+                        help="posterior draws, one replicated set of documents each (default 20)")
+    parser.add_argument("--docs-per-task", type=int, default=8, help="held-out documents per task (default 8)")
+    parser.add_argument("--prompt-tokens", type=int, default=2,
+                        help="each replicate continues this many first tokens of a held-out document (default 2)")
+    parser.add_argument("--out", help="also write DIR/ppc.json and DIR/ppc.png (needs matplotlib)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None)
+
+
+def run_ppc(args: argparse.Namespace) -> dict:
+    run = load_run(args.run_dir, device=args.device)
+    corpus = load_corpus(run.config, run.tokenizer)
+    held_out = corpus.documents("test")
+    if not held_out:
+        raise DataError("the run's test split is empty (test_size 0, or every task too small for a test document): "
+                        "a posterior predictive check compares replicates with held-out documents")
+    pyro.set_rng_seed(args.seed)
+    report = posterior_predictive_check(
+        run.model, run.guide, run.tokenizer, held_out, task_texts(corpus, run.tokenizer), corpus.task_names,
+        run.config.max_length, args.samples, args.docs_per_task, args.prompt_tokens, args.batch_size)
+    if args.out is not None:
+        out = make_dir(Path(args.out))
+        write_json(out / "ppc.json", report)
+        plot_ppc(report, out / "ppc.png")
+    return report
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", nargs="?", help="a fitted run (with --prior-sample: its prior; or give --model "
+                                                  "and the prior's flags instead)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", help="the task whose adapter writes")
     which.add_argument("--global", dest="global_adapter", action="store_true", help="the global adapter Θ")
     which.add_argument("--new-task", action="store_true",
                        help="an unseen task's adapter, always drawn from p(θ | Θ, τ) (--mean/--sample pick Θ, τ)")
+    which.add_argument("--prior-sample", type=int, nargs="?", const=1, metavar="K",
+                       help="K adapters (default 1) drawn from the prior alone, each with its own Θ, τ: what a prior "
+                            "implies, before fitting; the prior of RUN_DIR, or of --model and the flags below")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     draw = parser.add_mutually_exclusive_group()
     draw.add_argument("--mean", dest="sample", action="store_false",
@@ -101,6 +150,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the posterior draw and token sampling")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true", help="print the texts as a JSON list")
+    add_model_arguments(parser.add_argument_group("the model of --prior-sample without a RUN_DIR (as for fit)"))
 
 
 GENERATION_FLAGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
@@ -120,11 +170,70 @@ def adapter_for(run: Run, args: argparse.Namespace):
     return {name: (A[d:d + 1], B[d:d + 1]) for name, (A, B) in run.model.task_factors(values).items()}
 
 
+#: ``generate``'s flags of the model of ``--prior-sample`` without a run (:func:`~bora_pyro.cli_model.add_model_arguments`).
+MODEL_FLAGS = ("model", "prior", "tau", "global_scale", "tau_prior", "tau_per", "centered", "rank", "alpha",
+               "target_modules")
+
 #: Printed between texts when ``generate`` returns several.
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
 
+def prior_sample_config(args: argparse.Namespace) -> RunConfig:
+    """The model whose prior ``--prior-sample`` draws from: RUN_DIR's, or one made of ``--model``
+    and the prior's flags (RunConfig's defaults for the rest)."""
+    typed = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+    if args.run_dir is not None:
+        config = read_config(args.run_dir)
+    elif "model" not in typed:
+        raise ConfigError("--prior-sample needs a RUN_DIR or --model BASE (and the prior's flags, e.g. "
+                          "--prior hierarchical --tau 100)")
+    else:
+        config = RunConfig(**typed)
+        config.global_scale = None if config.global_scale == FLAT else config.global_scale
+    if config.global_scale is None:
+        raise ConfigError("a flat prior (--global-scale flat) is improper and has no draws to show; "
+                          "give it a scale, e.g. --global-scale 1")
+    make_prior(config)  # refuses bad prior flags before the base loads
+    return config
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The model flags describe the model of ``--prior-sample`` without a run: refused elsewhere."""
+    typed = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS if getattr(args, name) is not None]
+    if typed and (args.prior_sample is None or args.run_dir is not None):
+        raise ConfigError(f"{', '.join(typed)}: these flags describe the model of --prior-sample without a RUN_DIR; "
+                          "a run's model is in its RUN_DIR: drop them")
+    if args.run_dir is None and args.prior_sample is None:
+        raise ConfigError("generate needs a RUN_DIR (or --prior-sample with --model BASE)")
+
+
+def run_prior_sample(args: argparse.Namespace, flags: dict) -> list[str]:
+    """Texts of ``--prior-sample K`` adapters, each of one task drawn from the prior with its own Θ, τ."""
+    if args.prior_sample < 1:
+        raise ConfigError(f"--prior-sample takes a number of draws ≥ 1, got {args.prior_sample}")
+    config = prior_sample_config(args)
+    lm, tokenizer = build_lm(config, device=args.device, check_length=False)
+    pyro.set_rng_seed(args.seed)
+    factors = prior_adapters(lm, make_prior(config), args.prior_sample)
+    texts = generate_texts(lm, tokenizer, factors, [args.prompt] * args.prior_sample, range(args.prior_sample), flags)
+    return [text for options in texts for text in options]
+
+
+def generate_texts(lm, tokenizer, factors, prompts, prompt_tasks, flags: dict) -> list[list[str]]:
+    try:
+        return generate(lm, tokenizer, factors, prompts, list(prompt_tasks), **flags)
+    except BoRAError:
+        raise
+    except ValueError as error:  # transformers' own check of the generation flags
+        raise ConfigError(f"invalid generation flags ({' '.join(str(error).split())}); change them as it says "
+                          "(see bora-pyro generate --help)") from None
+
+
 def run_generate(args: argparse.Namespace) -> list[str]:
+    check_model_flags(args)
+    flags = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
+    if args.prior_sample is not None:
+        return run_prior_sample(args, flags)
     if args.task is not None:  # before anything loads
         try:
             task_index(read_config(args.run_dir), args.task)
@@ -132,12 +241,4 @@ def run_generate(args: argparse.Namespace) -> list[str]:
             raise ConfigError(f"{error}; or --new-task for an unseen one") from None
     run = load_run(args.run_dir, device=args.device)
     pyro.set_rng_seed(args.seed)
-    factors = adapter_for(run, args)
-    flags = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
-    try:
-        return generate(run.lm, run.tokenizer, factors, [args.prompt], [0], **flags)[0]
-    except BoRAError:
-        raise
-    except ValueError as error:  # transformers' own check of the generation flags
-        raise ConfigError(f"invalid generation flags ({' '.join(str(error).split())}); change them as it says "
-                          "(see bora-pyro generate --help)") from None
+    return generate_texts(run.lm, run.tokenizer, adapter_for(run, args), [args.prompt], [0], flags)[0]

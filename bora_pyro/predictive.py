@@ -12,7 +12,10 @@ auxiliary sites).
   for AutoDelta).
 - :func:`new_task_factors`, :func:`global_factors`: adapters of unseen tasks, drawn from
   p(θ_new | Θ, τ), and the global adapter Θ.
+- :func:`prior_factors`: adapters drawn from the prior alone (a prior predictive check before fitting).
 - :func:`shrinkage`: ‖θ̂_d − Θ̂‖ at the guide's median and the posterior spread of each task's factors.
+- :func:`predictive_calibration`, :func:`new_task_calibration`: NLL, Brier score and ECE of the
+  next-token predictions of the plug-in, one draw and the model average (:mod:`bora_pyro.calibration`).
 
 A few-shot fit of a new task is :meth:`BoRA.for_new_tasks <bora_pyro.models.BoRA.for_new_tasks>`
 followed by :func:`~bora_pyro.fit`.
@@ -24,11 +27,14 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from pyro import poutine
 
 from .allocator import reuse_large_blocks
+from .calibration import calibration, replayable
 from .data import Batch, DocumentSet
 from .errors import ConfigError
 from .evaluate import Factors, document_log_probs
+from .models import BoRA
 from .models.priors import PACKED, factor_layout
 
 #: A draw of every latent site of a guide: site name → value.
@@ -53,6 +59,25 @@ def posterior_factors(model, guide, batch: Batch, num_samples: int) -> Iterator[
         yield model.task_factors(values)
 
 
+@torch.no_grad()
+def prior_factors(model, num_samples: int) -> Iterator[Factors]:
+    """``num_samples`` draws of every task's factors from the model's prior (Θ, τ, … included),
+    one at a time: what the prior implies before any fit. Not for a flat (improper) prior: its
+    masked Normal gives draws of a Normal(0, 1) that the prior does not mean."""
+    for _ in range(num_samples):
+        with poutine.block():
+            yield model.prior(model.lm.modules_spec, model.tasks_plate())
+
+
+def prior_adapters(lm, prior, num_draws: int) -> Factors:
+    """``num_draws`` one-task adapters drawn from ``prior`` alone, each with its own Θ, τ, …:
+    [num_draws, ...] per module (row k: draw k), for text from a prior before any fit."""
+    model = BoRA(lm, prior, num_tasks=1)
+    draws = [next(prior_factors(model, 1)) for _ in range(num_draws)]
+    return {name: (torch.cat([draw[name][0] for draw in draws]), torch.cat([draw[name][1] for draw in draws]))
+            for name in draws[0]}
+
+
 def new_task_factors(model, values: SiteValues, num_new: int = 1) -> Factors:
     """Factors of ``num_new`` unseen tasks drawn from p(θ_new | Θ, τ), the shared sites (Θ, τ, …)
     fixed at ``values`` (e.g. one posterior draw): [num_new, ...] per module."""
@@ -60,16 +85,26 @@ def new_task_factors(model, values: SiteValues, num_new: int = 1) -> Factors:
         return model.for_new_tasks(values, num_new).task_factors({})
 
 
-def global_factors(model, values: SiteValues) -> Factors:
-    """The global adapter Θ as a one-task adapter, [1, ...] per module, from the value of the
-    packed ``global.lora`` site or of the ``global.<module>.lora_A|lora_B`` sites (e.g. ``guide.median()``).
+def global_factors(model, values: SiteValues, num_tasks: int = 1) -> Factors:
+    """The global adapter Θ as the adapter of ``num_tasks`` tasks, [num_tasks, ...] per module (a
+    view: no copies), from the value of the packed ``global.lora`` site or of the
+    ``global.<module>.lora_A|lora_B`` sites (e.g. ``guide.median()``).
 
     Raises:
         ConfigError: ``values`` hold no global factors (e.g. a fit with the ``Independent`` prior).
     """
     modules = model.lm.modules_spec
     if f"global.{PACKED}" in values:
-        return factor_layout(modules).unpack(values[f"global.{PACKED}"][None])
+        theta = factor_layout(modules).unpack(values[f"global.{PACKED}"][None])
+    else:
+        theta = global_site_factors(model, values)
+    return {name: (A.expand(num_tasks, *A.shape[1:]), B.expand(num_tasks, *B.shape[1:]))
+            for name, (A, B) in theta.items()}
+
+
+def global_site_factors(model, values: SiteValues) -> Factors:
+    """Θ from the per-module sites ``global.<module>.lora_A|lora_B``, [1, ...] per module."""
+    modules = model.lm.modules_spec
     names = [(f"global.{spec.name}.lora_A", f"global.{spec.name}.lora_B") for spec in modules]
     if not all(a in values and b in values for a, b in names):
         raise ConfigError(f"the prior {model.prior!r} has no global adapter Θ (no global.lora or "
@@ -174,6 +209,37 @@ def new_task_perplexity(model, guide, documents: DocumentSet, task_names: Sequen
     draws = (new_task_factors(model, values, len(task_names)) for values in guide_draws(guide, batch, num_samples))
     return sample_perplexities(model.lm, draws, documents, task_names, pad_token_id, interval=interval,
                                batch_size=batch_size)
+
+
+def replayable_guide_draws(model, guide, num_samples: int):
+    """A source of ``num_samples`` guide draws (site name → value) that yields the same draws at
+    every call (:func:`~bora_pyro.calibration.replayable`)."""
+    batch = Batch.probe(device=model.lm.device)
+    return replayable(lambda: guide_draws(guide, batch, num_samples), model.lm.device)
+
+
+def predictive_calibration(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
+                           num_samples: int = 32, batch_size: int = 16) -> dict:
+    """Calibration of the next-token predictions of the fitted tasks' ``documents`` (task ids
+    index ``task_names``, the model's tasks): the plug-in at the guide's median, one posterior draw
+    and the average over ``num_samples`` draws. See :func:`~bora_pyro.calibration.calibration`."""
+    values = replayable_guide_draws(model, guide, num_samples)
+    return calibration(model.lm, model.task_factors(guide.median()), lambda: map(model.task_factors, values()),
+                       documents, task_names, pad_token_id, batch_size)
+
+
+def new_task_calibration(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
+                         num_samples: int = 32, batch_size: int = 16) -> dict:
+    """Calibration for tasks the model was not fitted on, under the prior predictive (each draw:
+    Θ, τ, … from the posterior, θ_new ~ p(θ | Θ, τ)); the plug-in is the global adapter Θ at the
+    guide's median (none for a prior without Θ)."""
+    values = replayable_guide_draws(model, guide, num_samples)
+    draws = lambda: (new_task_factors(model, draw, len(task_names)) for draw in values())  # noqa: E731
+    try:
+        plugin = global_factors(model, guide.median(), len(task_names))
+    except ConfigError:
+        plugin = None
+    return calibration(model.lm, plugin, draws, documents, task_names, pad_token_id, batch_size)
 
 
 def flatten_factors(factors: Factors) -> torch.Tensor:

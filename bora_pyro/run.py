@@ -163,16 +163,17 @@ def make_guide(config: RunConfig, model: BoRA):
     return mean_field_guide(model, init_scale=config.init_scale, seed=config.seed)
 
 
-def build_lm(config: RunConfig, device: str | None = None) -> tuple[MultiTaskLM, object]:
+def build_lm(config: RunConfig, device: str | None = None, check_length: bool = True) -> tuple[MultiTaskLM, object]:
     """The wrapped LM on ``device`` (default ``config.device``; base weights in ``config.base_dtype``)
-    and its tokenizer."""
+    and its tokenizer; ``check_length``: refuse a ``config.max_length`` beyond the model's context."""
     lm = MultiTaskLM.from_pretrained(
         config.model, dtype=BASE_DTYPES[config.base_dtype], rank=config.rank, alpha=config.alpha,
         target_modules=config.target_modules,
     )
     if config.gradient_checkpointing:
         lm.enable_gradient_checkpointing()
-    lm.check_max_length(config.max_length)
+    if check_length:
+        lm.check_max_length(config.max_length)
     tokenizer = load_tokenizer(config.model)
     check_vocabulary(lm.model, tokenizer)
     return lm.to(device or config.device), tokenizer

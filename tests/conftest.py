@@ -91,6 +91,20 @@ def synthetic_records(num_tasks: int = 3, docs_per_task: int = 30, words_per_doc
     return records
 
 
+def fit_synthetic_run(out, model_dir: str, *flags: str, num_tasks: int = 3, docs_per_task: int = 20, steps: int = 12,
+                      max_length: int = 32):
+    """``out``, a run directory fitted by ``bora-pyro fit`` on :func:`synthetic_records` (rank 2,
+    lr 0.05, batch 8); ``flags`` add to these or override them."""
+    from bora_pyro.cli import main
+
+    data = out.parent / f"{out.name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(num_tasks, docs_per_task)))
+    assert main(["fit", "--model", model_dir, "--data", str(data), "--task-field", "speaker", "--text-field", "line",
+                 "--rank", "2", "--steps", str(steps), "--batch-size", "8", "--lr", "0.05", "--max-length",
+                 str(max_length), "--out", str(out), "--quiet", *flags]) == 0
+    return out
+
+
 @pytest.fixture
 def synthetic_jsonl(tmp_path) -> str:
     path = tmp_path / "data.jsonl"

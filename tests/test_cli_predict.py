@@ -13,22 +13,15 @@ from bora_pyro.data import Batch
 from bora_pyro.generation import generate
 from bora_pyro.predictive import global_factors, guide_draws, new_task_factors, predictive_perplexity
 from bora_pyro.run import load_corpus
-from conftest import synthetic_records
+from conftest import fit_synthetic_run, synthetic_records
 
 ENTRY_KEYS = {"mean", "median", "ci", "bma", "plugin", "tokens"}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dirs):
-    root = tmp_path_factory.mktemp("predict")
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(num_tasks=3, docs_per_task=20)))
-    out = root / "run"
-    assert main(["fit", "--model", tiny_model_dirs["gpt2"], "--data", str(data), "--task-field", "speaker",
-                 "--text-field", "line", "--rank", "2", "--steps", "12", "--batch-size", "8", "--lr", "0.05",
-                 "--max-length", "32", "--guide", "mean-field", "--init-scale", "0.05", "--out", str(out),
-                 "--quiet"]) == 0
-    return out
+    return fit_synthetic_run(tmp_path_factory.mktemp("predict") / "run", tiny_model_dirs["gpt2"],
+                             "--guide", "mean-field", "--init-scale", "0.05")
 
 
 def cli_json(args, capsys):
@@ -153,3 +146,48 @@ def test_generate_new_task_sample_draws_a_new_adapter_per_seed(run_dir, capsys, 
     for i, left in enumerate([*draws, theta]):
         for right in [*draws, theta][i + 1:]:
             assert not same_factors(left, right)
+
+
+def test_prior_factors_follow_the_prior(gpt2_dir):
+    """Draws of HierarchicalNormal(τ = 100, global scale 0.5) for 64 tasks: the tasks spread
+    around their mean with sd τ^-1/2 = 0.1, the mean (≈ Θ) with sd 0.5."""
+    from bora_pyro import MultiTaskLM
+    from bora_pyro.models import BoRA, HierarchicalNormal
+    from bora_pyro.predictive import flatten_factors, prior_factors
+
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(tau=100.0, global_scale=0.5), num_tasks=64)
+    draws = [flatten_factors(factors) for factors in prior_factors(model, 2)]  # [64, P] each
+    for theta in draws:
+        assert float((theta - theta.mean(0)).std()) == pytest.approx(0.1, rel=0.05)
+        assert float(theta.mean(0).std()) == pytest.approx(0.5, rel=0.05)
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_generate_prior_sample_shows_what_a_prior_implies(gpt2_dir, capsys):
+    """A prior pinned at 0 (Θ and θ_d within 1e-6 of it) writes the base model's text; a broad one
+    does not; K draws give K texts."""
+    base = ["generate", "--prior-sample", "3", "--model", gpt2_dir, "--prompt", "w1 w2", "--max-new-tokens", "6",
+            "--json"]
+    pinned = cli_json(base + ["--global-scale", "1e-6", "--tau", "1e12"], capsys)
+    broad = cli_json(base + ["--global-scale", "1", "--tau", "1"], capsys)
+    from bora_pyro import MultiTaskLM, load_tokenizer
+    lm, tokenizer = MultiTaskLM.from_pretrained(gpt2_dir, rank=8), load_tokenizer(gpt2_dir)
+    zero = {spec.name: (torch.zeros(1, spec.rank, spec.in_features), torch.zeros(1, spec.out_features, spec.rank))
+            for spec in lm.modules_spec}
+    base_text = generate(lm, tokenizer, zero, ["w1 w2"], [0], max_new_tokens=6)[0][0]
+    assert pinned == [base_text] * 3
+    assert len(broad) == 3 and base_text not in broad
+
+
+def test_generate_prior_sample_refuses_mixed_or_missing_models(run_dir, gpt2_dir, capsys):
+    for args, message in [
+        (["--prior-sample", "--prompt", "w1"], "needs a RUN_DIR or --model BASE"),
+        ([str(run_dir), "--task", "task0", "--prompt", "w1", "--tau", "3"], "--tau: these flags describe"),
+        ([str(run_dir), "--prior-sample", "--model", gpt2_dir, "--prompt", "w1"], "--model: these flags describe"),
+        (["--prior-sample", "--model", gpt2_dir, "--global-scale", "flat", "--prompt", "w1"], "flat prior"),
+        (["--prior-sample", "0", "--model", gpt2_dir, "--prompt", "w1"], "number of draws ≥ 1"),
+        (["--task", "task0", "--prompt", "w1"], "needs a RUN_DIR"),
+    ]:
+        assert main(["generate", *args]) == 2
+        assert message in capsys.readouterr().err

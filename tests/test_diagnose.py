@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from bora_pyro import load_run
 from bora_pyro.cli import main

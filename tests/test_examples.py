@@ -122,4 +122,14 @@ def test_posterior_predictive_quick(tmp_path, cache_dir):
     fitted = {key: unseen[key] for key in ("global_adapter", "few_shot")} | {
         "prior_predictive": unseen["prior_predictive"]["bma"]}
     assert max(fitted.values()) < unseen["base_model"], (fitted, unseen["base_model"])
-    assert {"predictive.md", "shrinkage.png", "run"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"predictive.md", "shrinkage.png", "reliability.png", "ppc.json", "ppc.png", "run", "run-tau-1e3-map"} <= written
+    runs = results["runs"]
+    assert len(runs) == 5 and results["calibration"] == runs["learned τ (hybrid)"]["calibration"]
+    for report in [run["calibration"] for run in runs.values()] + [unseen["calibration"]]:
+        for estimate in report["overall"].values():
+            assert 0 <= estimate["ece"] <= 1 and 0 <= estimate["brier"] <= 2
+    assert set(runs["τ = 1e3 (MAP)"]["calibration"]["overall"]["bma"]) == {"nll", "brier", "ece", "tokens"}
+    assert set(results["loo"]["compare"]) == set(results["loo"]["pareto_k"]) == set(runs) - {"τ = 1e3 (MAP)"}
+    ppc = json.loads((out / "ppc.json").read_text())
+    assert len(ppc["tasks"]) == 25 and set(results["ppc"]["summary"]) == set(next(iter(ppc["tasks"].values())))

@@ -110,7 +110,8 @@ def test_write_your_own_prior(in_python):
 
 def test_posterior_predictive_analysis(gpt2_dir, speeches, tmp_path):
     """On a fitted mean-field run: the per-task predictive entry has the keys the comment lists, the
-    generated texts are one prompt's two beams, and the new tasks' model has 3 tasks."""
+    generated texts are one prompt's two beams, the new tasks' model has 3 tasks, the calibration
+    estimate and the ArviZ groups are the ones named, and az.loo scores every test document."""
     run_dir = tmp_path / "run"
     assert main(["fit", "--model", gpt2_dir, "--data", str(speeches), "--task-field", "speaker", "--text-field",
                  "text", "--guide", "mean-field", "--rank", "2", "--steps", "4", "--batch-size", "8",
@@ -124,3 +125,8 @@ def test_posterior_predictive_analysis(gpt2_dir, speeches, tmp_path):
     texts = namespace["texts"]
     assert len(texts) == 1 and len(texts[0]) == 2 and all(text.startswith("w1 w2 ") for text in texts[0])
     assert namespace["new_model"].num_tasks == 3
+    assert set(namespace["calibration"]["overall"]["bma"]) == {"nll", "brier", "ece", "tokens"}
+    assert set(namespace["checks"]["tasks"]) == set(namespace["corpus"].task_names)
+    data = namespace["data"]
+    assert set(data.groups()) == {"posterior", "log_likelihood", "observed_data"}
+    assert data.log_likelihood["documents"].shape == (1, 32, len(namespace["test"]))
