@@ -19,14 +19,15 @@ For each, over the predicted tokens of a split (per task and overall):
 The average p̄ needs every draw's whole [tokens, vocab] distribution of a batch at once, so the
 loop runs over batches of documents outside and over the draws inside: ``draws`` is called once
 per batch and must yield the same S draws every time (:func:`replayable` makes such a source from
-a sampler). One draw's factors and two [tokens, vocab] tensors of a batch (the draw's and the
-running sum) are alive at a time. The same pass keeps every document's log-likelihood under every
+a sampler). One draw's factors and two [tokens, vocab] tensors of a batch (the draw's
+probabilities and their running sum) are alive at a time, besides the LM's logits. The same pass keeps every document's log-likelihood under every
 draw, [S, N] (:class:`Scores`), for PSIS-LOO (:mod:`bora_pyro.inference_data`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -149,7 +150,11 @@ def score(lm, plugin: Factors | None, draws: DrawSource, documents: DocumentSet,
     :func:`calibration` for the arguments)."""
     num_groups = num_tasks + 1  # the tasks, then all documents together
     sums = {name: CalibrationSums(num_groups) for name in ESTIMATORS if plugin is not None or name != "plugin"}
-    per_draw: list[torch.Tensor] = []  # S × [N]
+    # S from the source itself (no LM pass): every process knows it, also one left without a batch
+    num_draws = sum(1 for _ in draws())
+    if num_draws == 0:
+        raise ConfigError("no draws of the adapters: ask for at least one sample")
+    log_likelihood = torch.zeros(num_draws, len(documents), dtype=torch.float64)
     by_length = sorted(range(len(documents)), key=lambda i: len(documents.documents[i]))
     rank, num_ranks = distributed.world()
     with reuse_large_blocks(lm.device):
@@ -161,33 +166,28 @@ def score(lm, plugin: Factors | None, draws: DrawSource, documents: DocumentSet,
                     logits = lm(batch.input_ids, batch.attention_mask, use_cache=False).logits
                 return predicted_tokens(logits, batch.input_ids, batch.attention_mask)
 
-            probs_sum, log_prob_true, num_draws = None, None, 0
-            for factors in draws():
+            for s, factors in enumerate(draws()):
                 log_probs, targets, rows = predictions(factors)
                 true = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+                probs = log_probs.exp_()  # in place: the [tokens, vocab] log-probabilities are not needed again
                 groups = torch.stack([batch.task_ids[rows], torch.full_like(rows, num_groups - 1)])
-                if num_draws == len(per_draw):
-                    per_draw.append(torch.zeros(len(documents), dtype=torch.float64))
-                per_draw[num_draws].index_add_(0, batch.doc_ids[rows].cpu(), true.double().cpu())
-                if num_draws == 0:
-                    sums["draw"].add(log_probs.exp(), true, targets, groups)
-                    probs_sum, log_prob_true = log_probs.exp(), true
+                log_likelihood[s].index_add_(0, batch.doc_ids[rows].cpu(), true.double().cpu())
+                if s == 0:
+                    sums["draw"].add(probs, true, targets, groups)
+                    probs_sum, log_prob_true = probs, true
                 else:
-                    probs_sum += log_probs.exp()
+                    probs_sum += probs
                     log_prob_true = torch.logaddexp(log_prob_true, true)
-                num_draws += 1
-                del factors, log_probs
-            if num_draws == 0:
-                raise ConfigError("no draws of the adapters: ask for at least one sample")
-            log_num_draws = torch.log(torch.tensor(float(num_draws)))
-            sums["bma"].add(probs_sum / num_draws, log_prob_true - log_num_draws, targets, groups)
+                del factors, log_probs, probs
+            sums["bma"].add(probs_sum / num_draws, log_prob_true - math.log(num_draws), targets, groups)
             del probs_sum
             if plugin is not None:
                 log_probs, targets, rows = predictions(plugin)
-                sums["plugin"].add(log_probs.exp(), log_probs.gather(-1, targets[:, None]).squeeze(-1), targets, groups)
+                true = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+                sums["plugin"].add(log_probs.exp_(), true, targets, groups)
     for entry in sums.values():
         entry.reduce_over_ranks()
-    return Scores(sums, distributed.sum_over_ranks(torch.stack(per_draw)))
+    return Scores(sums, distributed.sum_over_ranks(log_likelihood))
 
 
 def calibration(

@@ -73,14 +73,15 @@ def run_predict(args: argparse.Namespace) -> dict:
             run_tasks, corpus.pad_token_id, plugin=run.model.task_factors(run.guide.median()),
             interval=args.interval, batch_size=args.batch_size)
         output |= {"perplexity": report["perplexity"], "tasks": report["tasks"]}
-        if args.calibration:
-            output["calibration"] = predictive_calibration(run.model, run.guide, seen, run_tasks, corpus.pad_token_id,
-                                                           args.samples, args.batch_size)
     if unseen_names:
         report = new_task_perplexity(run.model, run.guide, unseen, unseen_names, corpus.pad_token_id,
                                      num_samples=args.samples, interval=args.interval, batch_size=args.batch_size)
         output["unseen"] = {"perplexity": report["perplexity"], "tasks": report["tasks"]}
-        if args.calibration:
+    if args.calibration:  # after the perplexities, so that --no-calibration leaves their draws as they were
+        if seen:
+            output["calibration"] = predictive_calibration(run.model, run.guide, seen, run_tasks, corpus.pad_token_id,
+                                                           args.samples, args.batch_size)
+        if unseen_names:
             output["unseen"]["calibration"] = new_task_calibration(
                 run.model, run.guide, unseen, unseen_names, corpus.pad_token_id, args.samples, args.batch_size)
     if args.shrinkage:
@@ -193,7 +194,8 @@ def prior_sample_config(args: argparse.Namespace) -> RunConfig:
     if config.global_scale is None:
         raise ConfigError("a flat prior (--global-scale flat) is improper and has no draws to show; "
                           "give it a scale, e.g. --global-scale 1")
-    make_prior(config)  # refuses bad prior flags before the base loads
+    config.device = args.device or config.device
+    config.validate_model()  # refuses bad prior flags or device before the base loads
     return config
 
 
@@ -212,7 +214,7 @@ def run_prior_sample(args: argparse.Namespace, flags: dict) -> list[str]:
     if args.prior_sample < 1:
         raise ConfigError(f"--prior-sample takes a number of draws ≥ 1, got {args.prior_sample}")
     config = prior_sample_config(args)
-    lm, tokenizer = build_lm(config, device=args.device, check_length=False)
+    lm, tokenizer = build_lm(config, check_length=False)
     pyro.set_rng_seed(args.seed)
     factors = prior_adapters(lm, make_prior(config), args.prior_sample)
     texts = generate_texts(lm, tokenizer, factors, [args.prompt] * args.prior_sample, range(args.prior_sample), flags)

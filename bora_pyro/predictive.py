@@ -233,8 +233,10 @@ def new_task_calibration(model, guide, documents: DocumentSet, task_names: Seque
     """Calibration for tasks the model was not fitted on, under the prior predictive (each draw:
     Θ, τ, … from the posterior, θ_new ~ p(θ | Θ, τ)); the plug-in is the global adapter Θ at the
     guide's median (none for a prior without Θ)."""
-    values = replayable_guide_draws(model, guide, num_samples)
-    draws = lambda: (new_task_factors(model, draw, len(task_names)) for draw in values())  # noqa: E731
+    batch = Batch.probe(device=model.lm.device)
+    # θ_new is drawn inside the replayed source, so every batch sees the same new tasks' adapters
+    draws = replayable(lambda: (new_task_factors(model, values, len(task_names))
+                                for values in guide_draws(guide, batch, num_samples)), model.lm.device)
     try:
         plugin = global_factors(model, guide.median(), len(task_names))
     except ConfigError:

@@ -100,10 +100,21 @@ class RunConfig:
         return LEARNED_TAU_GUIDE if self.tau_prior is not None else "map"
 
     def validate(self) -> None:
-        if self.prior not in PRIORS:
-            raise ConfigError(f"unknown prior {self.prior!r}: choose one of {PRIORS}")
+        """Refuse settings that cannot work, before anything loads: the model's and the fit's."""
+        self.validate_model()
         if self.guide is not None and self.guide not in GUIDES:
             raise ConfigError(f"unknown guide {self.guide!r}: choose one of {GUIDES}")
+        if self.tau_prior is not None and self.chosen_guide == "map":
+            raise ConfigError("--guide map cannot learn τ (MAP over τ and the task factors is degenerate: "
+                              "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
+        if self.data is not None and not Path(self.data).is_file():
+            raise ConfigError(f"data file {self.data!r} does not exist; check the --data path")
+        check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr, self.log_scale_lr)
+
+    def validate_model(self) -> None:
+        """Refuse a prior, base dtype or device that cannot work (what ``generate --prior-sample`` needs)."""
+        if self.prior not in PRIORS:
+            raise ConfigError(f"unknown prior {self.prior!r}: choose one of {PRIORS}")
         if self.prior == "hierarchical" and not (math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError(
                 f"tau must be a positive finite number for the hierarchical prior, got {self.tau}; "
@@ -113,14 +124,8 @@ class RunConfig:
             raise ConfigError("--tau-prior learns the τ of the hierarchical prior; drop it or use --prior hierarchical")
         if self.prior == "hierarchical":
             make_prior(self)  # refuses a bad --tau-prior, --tau-per or centring before anything loads
-        if self.tau_prior is not None and self.chosen_guide == "map":
-            raise ConfigError("--guide map cannot learn τ (MAP over τ and the task factors is degenerate: "
-                              "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
-        if self.data is not None and not Path(self.data).is_file():
-            raise ConfigError(f"data file {self.data!r} does not exist; check the --data path")
         if self.base_dtype not in BASE_DTYPES:
             raise ConfigError(f"unknown base dtype {self.base_dtype!r}: choose one of {tuple(BASE_DTYPES)}")
-        check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr, self.log_scale_lr)
         check_device(self.device)
 
     def to_json(self) -> dict:

@@ -147,3 +147,17 @@ def test_predict_prints_the_calibration_block(tmp_path, tiny_model_dirs, capsys)
             assert set(estimate) == {"nll", "brier", "ece", "tokens"}
             assert 0 <= estimate["ece"] <= 1 and 0 <= estimate["brier"] <= 2 and estimate["nll"] > 0
     assert block["overall"]["bma"]["tokens"] == sum(entry["bma"]["tokens"] for entry in block["tasks"].values())
+
+
+def test_a_process_without_a_batch_contributes_zeros(lm, monkeypatch):
+    """In a data-parallel run, rank 1 of 2 gets no batch of a 3-document split: it still returns
+    the [S, N] log-likelihood (zeros) and empty sums for the collective sum, without an error."""
+    from bora_pyro import calibration as module
+
+    monkeypatch.setattr(module.distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(module.distributed, "sum_over_ranks", lambda tensor: tensor)  # no process group here
+    factors = random_factors(lm, 1, 0.5, seed=6)
+    documents = DocumentSet([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [0, 0, 0])
+    scores = module.score(lm, factors, fixed_draws(factors, factors), documents, 1, pad_token_id=0, batch_size=16)
+    assert scores.log_likelihood.shape == (2, 3) and not scores.log_likelihood.any()
+    assert scores.report(["a"])["overall"]["bma"] == {"nll": None, "brier": None, "ece": None, "tokens": 0}

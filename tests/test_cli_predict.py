@@ -188,6 +188,9 @@ def test_generate_prior_sample_refuses_mixed_or_missing_models(run_dir, gpt2_dir
         (["--prior-sample", "--model", gpt2_dir, "--global-scale", "flat", "--prompt", "w1"], "flat prior"),
         (["--prior-sample", "0", "--model", gpt2_dir, "--prompt", "w1"], "number of draws ≥ 1"),
         (["--task", "task0", "--prompt", "w1"], "needs a RUN_DIR"),
+        (["--prior-sample", "--model", gpt2_dir, "--prior", "independent", "--tau-prior", "gamma:2,1", "--prompt", "w1"],
+         "--tau-prior learns the τ of the hierarchical prior"),
+        (["--prior-sample", "--model", gpt2_dir, "--device", "gpu9", "--prompt", "w1"], "unknown device"),
     ]:
         assert main(["generate", *args]) == 2
         assert message in capsys.readouterr().err
