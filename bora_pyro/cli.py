@@ -15,7 +15,7 @@ import datasets
 import transformers
 
 from . import distributed
-from .cli_model import FLAT, add_model_arguments
+from .cli_model import add_model_arguments, config_from_flags
 from .cli_predict import (
     SEPARATOR, add_generate_arguments, add_ppc_arguments, add_predict_arguments, run_generate, run_ppc, run_predict,
 )
@@ -113,9 +113,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         missing.append("--steps or --epochs")
     if missing:
         raise ConfigError(f"fit needs {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
-    config = RunConfig(**{name: value for name, value in typed_fit_flags(args).items() if name not in NOT_CONFIG})
-    if config.global_scale == FLAT:
-        config.global_scale = None
+    config = config_from_flags({name: value for name, value in typed_fit_flags(args).items() if name not in NOT_CONFIG})
     config.lr = chosen_lr(args, config)
     return config
 

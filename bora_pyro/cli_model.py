@@ -14,6 +14,14 @@ def scale_or_flat(text: str) -> float | str:
     return FLAT if text.lower() in ("flat", "none") else float(text)
 
 
+def config_from_flags(flags: dict) -> RunConfig:
+    """A config of the typed flags (RunConfig's defaults for the rest), ``--global-scale flat`` as None."""
+    config = RunConfig(**flags)
+    if config.global_scale == FLAT:
+        config.global_scale = None
+    return config
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, the prior's flags and the adapters' (rank, alpha, target modules); none has a
     default here (see :func:`bora_pyro.cli.add_fit_arguments`)."""
@@ -47,3 +55,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help=f"LoRA alpha: the update is (alpha/r)·B A (default {defaults.alpha:g})")
     parser.add_argument("--target-modules", nargs="+",
                         help="module names (last component) or globs; default: per architecture")
+
+
+def model_flag_names() -> tuple[str, ...]:
+    """The settings (``dest`` names) of :func:`add_model_arguments`' flags."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_arguments(parser)
+    return tuple(vars(parser.parse_args([])))

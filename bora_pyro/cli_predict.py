@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyro
 
-from .cli_model import FLAT, add_model_arguments
+from .cli_model import add_model_arguments, config_from_flags, model_flag_names
 from .data import Batch, MultiTaskCorpus
 from .errors import BoRAError, ConfigError, DataError
 from .export import task_index
@@ -172,8 +172,7 @@ def adapter_for(run: Run, args: argparse.Namespace):
 
 
 #: ``generate``'s flags of the model of ``--prior-sample`` without a run (:func:`~bora_pyro.cli_model.add_model_arguments`).
-MODEL_FLAGS = ("model", "prior", "tau", "global_scale", "tau_prior", "tau_per", "centered", "rank", "alpha",
-               "target_modules")
+MODEL_FLAGS = model_flag_names()
 
 #: Printed between texts when ``generate`` returns several.
 SEPARATOR = "\n" + "-" * 40 + "\n"
@@ -189,8 +188,7 @@ def prior_sample_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError("--prior-sample needs a RUN_DIR or --model BASE (and the prior's flags, e.g. "
                           "--prior hierarchical --tau 100)")
     else:
-        config = RunConfig(**typed)
-        config.global_scale = None if config.global_scale == FLAT else config.global_scale
+        config = config_from_flags(typed)
     if config.global_scale is None:
         raise ConfigError("a flat prior (--global-scale flat) is improper and has no draws to show; "
                           "give it a scale, e.g. --global-scale 1")

@@ -188,6 +188,11 @@ class DocumentSet:
         )
 
 
+def padding_token(tokenizer) -> int:
+    """The token that pads a batch: the tokenizer's pad token, else its EOS (masked out either way)."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def split_sizes(num_docs: int, test_size: float, validation_size: float) -> tuple[int, int, int]:
     """(train, validation, test) counts for a task of ``num_docs`` documents.
 
@@ -402,8 +407,7 @@ class MultiTaskCorpus:
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return self.tokenizer.eos_token_id if pad is None else pad
+        return padding_token(self.tokenizer)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per task: number of documents in each split, e.g. ``{"train_docs": 40, ...}``."""

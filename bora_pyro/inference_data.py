@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import score
 from .errors import ConfigError
-from .predictive import flatten_factors, global_factors, replayable_guide_draws
+from .predictive import flatten_factors, global_factors, posterior_scores, replayable_guide_draws
 
 #: Shared sites (outside the tasks plate) with at most this many entries go into ``posterior``
 #: (τ and its per-module variants; not Θ, a whole adapter).
@@ -70,8 +69,7 @@ def posterior_analysis(run, corpus, split: str = "test", num_samples: int = 32, 
         raise ConfigError(f"the {split} split is empty: nothing to compute a log-likelihood of; use another split")
     model, guide, task_names = run.model, run.guide, list(corpus.task_names)
     values = replayable_guide_draws(model, guide, num_samples)
-    scores = score(model.lm, model.task_factors(guide.median()), lambda: map(model.task_factors, values()),
-                   documents, len(task_names), corpus.pad_token_id, batch_size)
+    scores = posterior_scores(model, guide, values, documents, len(task_names), corpus.pad_token_id, batch_size)
     posterior: dict[str, list[torch.Tensor]] = {}
     for draw in values():
         for name in model.shared_site_names:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .data import Batch, DocumentSet
+from .data import Batch, DocumentSet, padding_token
 from .errors import ConfigError, DataError
 from .evaluate import Factors, document_log_probs
 from .generation import task_adapters
@@ -160,10 +160,10 @@ def posterior_predictive_check(model, guide, tokenizer, documents: DocumentSet, 
     prompts = torch.tensor([ids[:prompt_tokens] for ids in observed.documents])
     task_top_words = [top_words(texts) for texts in train_texts]
     plugin = model.task_factors(guide.median())
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = padding_token(tokenizer)
 
     def statistics(documents: DocumentSet) -> dict[str, torch.Tensor]:
-        log_probs, tokens = document_log_probs(lm, plugin, documents, pad_token_id, batch_size)
+        log_probs, tokens = document_log_probs(lm, plugin, documents, pad, batch_size)
         per_document = document_statistics(documents, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                                            task_top_words, log_probs, tokens)
         return {name: task_means(values, task_ids, num_tasks) for name, values in per_document.items()}
@@ -171,7 +171,7 @@ def posterior_predictive_check(model, guide, tokenizer, documents: DocumentSet, 
     observed_values = statistics(observed)
     replicated_values: dict[str, list[torch.Tensor]] = {name: [] for name in STATISTICS}
     for factors in posterior_factors(model, guide, Batch.probe(device=lm.device), num_samples):
-        copies = replicate(lm, factors, prompts, task_ids, tokenizer.eos_token_id, pad_token_id, max_length, batch_size)
+        copies = replicate(lm, factors, prompts, task_ids, tokenizer.eos_token_id, pad, max_length, batch_size)
         for name, values in statistics(DocumentSet(copies, observed.task_ids)).items():
             replicated_values[name].append(values)
     report = {}

@@ -30,7 +30,7 @@ import torch
 from pyro import poutine
 
 from .allocator import reuse_large_blocks
-from .calibration import calibration, replayable
+from .calibration import Scores, calibration, replayable, score
 from .data import Batch, DocumentSet
 from .errors import ConfigError
 from .evaluate import Factors, document_log_probs
@@ -72,8 +72,7 @@ def prior_factors(model, num_samples: int) -> Iterator[Factors]:
 def prior_adapters(lm, prior, num_draws: int) -> Factors:
     """``num_draws`` one-task adapters drawn from ``prior`` alone, each with its own Θ, τ, …:
     [num_draws, ...] per module (row k: draw k), for text from a prior before any fit."""
-    model = BoRA(lm, prior, num_tasks=1)
-    draws = [next(prior_factors(model, 1)) for _ in range(num_draws)]
+    draws = list(prior_factors(BoRA(lm, prior, num_tasks=1), num_draws))
     return {name: (torch.cat([draw[name][0] for draw in draws]), torch.cat([draw[name][1] for draw in draws]))
             for name in draws[0]}
 
@@ -205,10 +204,16 @@ def new_task_perplexity(model, guide, documents: DocumentSet, task_names: Sequen
     """Perplexity of documents of tasks the model was not fitted on, under the prior predictive:
     each draw takes Θ, τ, … from the posterior and gives every unseen task its own adapter from
     p(θ_new | Θ, τ). ``documents.task_ids`` index ``task_names``. No plug-in value."""
-    batch = Batch.probe(device=model.lm.device)
-    draws = (new_task_factors(model, values, len(task_names)) for values in guide_draws(guide, batch, num_samples))
+    draws = new_task_draws(model, guide, len(task_names), num_samples)
     return sample_perplexities(model.lm, draws, documents, task_names, pad_token_id, interval=interval,
                                batch_size=batch_size)
+
+
+def new_task_draws(model, guide, num_new: int, num_samples: int) -> Iterator[Factors]:
+    """``num_samples`` draws of ``num_new`` unseen tasks' factors: each takes Θ, τ, … from a
+    posterior draw and θ_new from p(θ | Θ, τ)."""
+    for values in guide_draws(guide, Batch.probe(device=model.lm.device), num_samples):
+        yield new_task_factors(model, values, num_new)
 
 
 def replayable_guide_draws(model, guide, num_samples: int):
@@ -224,8 +229,16 @@ def predictive_calibration(model, guide, documents: DocumentSet, task_names: Seq
     index ``task_names``, the model's tasks): the plug-in at the guide's median, one posterior draw
     and the average over ``num_samples`` draws. See :func:`~bora_pyro.calibration.calibration`."""
     values = replayable_guide_draws(model, guide, num_samples)
-    return calibration(model.lm, model.task_factors(guide.median()), lambda: map(model.task_factors, values()),
-                       documents, task_names, pad_token_id, batch_size)
+    return posterior_scores(model, guide, values, documents, len(task_names), pad_token_id, batch_size).report(task_names)
+
+
+def posterior_scores(model, guide, values, documents: DocumentSet, num_tasks: int, pad_token_id: int,
+                     batch_size: int = 16) -> Scores:
+    """One pass over ``documents`` (:func:`~bora_pyro.calibration.score`) by the plug-in at the
+    guide's median and the task factors of every draw of ``values``, a replayable source of guide
+    draws (:func:`replayable_guide_draws`)."""
+    return score(model.lm, model.task_factors(guide.median()), lambda: map(model.task_factors, values()), documents,
+                 num_tasks, pad_token_id, batch_size)
 
 
 def new_task_calibration(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
@@ -233,10 +246,8 @@ def new_task_calibration(model, guide, documents: DocumentSet, task_names: Seque
     """Calibration for tasks the model was not fitted on, under the prior predictive (each draw:
     Θ, τ, … from the posterior, θ_new ~ p(θ | Θ, τ)); the plug-in is the global adapter Θ at the
     guide's median (none for a prior without Θ)."""
-    batch = Batch.probe(device=model.lm.device)
     # θ_new is drawn inside the replayed source, so every batch sees the same new tasks' adapters
-    draws = replayable(lambda: (new_task_factors(model, values, len(task_names))
-                                for values in guide_draws(guide, batch, num_samples)), model.lm.device)
+    draws = replayable(lambda: new_task_draws(model, guide, len(task_names), num_samples), model.lm.device)
     try:
         plugin = global_factors(model, guide.median(), len(task_names))
     except ConfigError:
