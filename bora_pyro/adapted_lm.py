@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
 from .errors import ConfigError, ModelError, first_line
+from .gguf import resolve_base
 from .lora import AdaptedModule, MultiTaskLoRA, linear_features
 
 #: Default target modules (last component of the module name) per ``config.model_type``:
@@ -48,8 +49,9 @@ Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM from a hub name or a local folder, with a one-line error on failure."""
-    name_or_path = str(name_or_path)
+    """Load a causal LM from a hub name, a local folder or a GGUF file (:mod:`bora_pyro.gguf`),
+    with a one-line error on failure."""
+    name_or_path = resolve_base(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
@@ -98,8 +100,10 @@ def load_tokenizer(name_or_path: str | Path):
     builds some model types' own tokenizer class (``Qwen2Tokenizer`` for a qwen2 folder) from the
     file's vocabulary alone, and a tokenizer.json of another kind (a word-level one) then tokenises
     every text to nothing. When the loaded tokenizer finds no token in a text that the file
-    tokenises, the file is loaded by itself (a ``PreTrainedTokenizerFast``).
+    tokenises, the file is loaded by itself (a ``PreTrainedTokenizerFast``). A GGUF file's
+    tokenizer is read from its converted folder (:mod:`bora_pyro.gguf`).
     """
+    name_or_path = resolve_base(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError, TypeError) as error:

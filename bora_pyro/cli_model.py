@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .gguf import gguf_file
 from .run import PRIORS, RunConfig
 
 FLAT = "flat"
@@ -15,8 +16,11 @@ def scale_or_flat(text: str) -> float | str:
 
 
 def config_from_flags(flags: dict) -> RunConfig:
-    """A config of the typed flags (RunConfig's defaults for the rest), ``--global-scale flat`` as None."""
+    """A config of the typed flags (RunConfig's defaults for the rest), ``--global-scale flat`` as None
+    and a folder holding one GGUF file as that file (the run records the file it was fitted on)."""
     config = RunConfig(**flags)
+    if config.model:
+        config.model = str(gguf_file(config.model) or config.model)
     if config.global_scale == FLAT:
         config.global_scale = None
     return config
@@ -26,7 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, the prior's flags and the adapters' (rank, alpha, target modules); none has a
     default here (see :func:`bora_pyro.cli.add_fit_arguments`)."""
     defaults = RunConfig(model="")
-    parser.add_argument("--model", help="hub name or local folder of a causal LM")
+    parser.add_argument("--model", help="hub name or local folder of a causal LM, or a GGUF file (or a folder holding one)")
     parser.add_argument("--prior", choices=PRIORS, help=f"default {defaults.prior}")
     parser.add_argument("--tau", type=float,
                         help=f"precision τ of tasks around the global adapter (default {defaults.tau:g})")

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .adapted_lm import load_causal_lm
+from .gguf import resolve_base
 from .errors import ConfigError, WriteError, first_line
 from .predictive import global_factors
 from .run import Run, RunConfig, atomic_write, make_dir, write_json
@@ -99,7 +100,7 @@ def peft_config(run: Run) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": run.config.model,
+        "base_model_name_or_path": resolve_base(run.config.model),  # a GGUF file's dequantised folder
         "revision": None,
         "inference_mode": True,
         "r": run.lm.rank,

@@ -77,6 +77,13 @@ ERRORS: dict[str, tuple[str, str, str]] = {
     "ignored-tokenizer-json": ("a `tokenizer.json` that transformers ignores for the model type (e.g. qwen2) and "
                                "that cannot be loaded by itself", "ignores the folder's tokenizer.json",
                                "so that PreTrainedTokenizerFast(tokenizer_file=...) loads it"),
+    "missing-gguf": ("a `.gguf` `--model` that does not exist", "GGUF file", "check the --model path"),
+    "several-gguf": ("a `--model` folder without config.json that holds several `.gguf` files", "GGUF files",
+                     "pass the one to use as --model"),
+    "gguf-extra": ("a GGUF `--model` without the `gguf` package", "needs the gguf package",
+                   "pip install 'bora-pyro[gguf]'"),
+    "bad-gguf": ("a `.gguf` file that transformers cannot read", "cannot read the GGUF file",
+                 "transformers reads GGUF files of the architectures its docs list"),
     "vocabulary": ("a tokenizer with more tokens than the model's embedding", "the tokenizer has",
                    "use the model's own tokenizer"),
     "target-modules": ("`--target-modules` absent from the model", "none of the target modules",
@@ -381,6 +388,27 @@ def test_unusable_models(key, bad_model_dirs, data, tmp_path, capsys):
     expected = "not-causal" if key == "t5" else key
     api_error(ModelError, expected, MultiTaskLM.from_pretrained, bad_model_dirs[key], rank=2)
     cli_error(fit_args(bad_model_dirs[key], data, tmp_path / "run"), capsys, expected)
+
+
+@pytest.mark.parametrize("key", ["missing-gguf", "several-gguf", "gguf-extra", "bad-gguf"])
+def test_unusable_gguf_files(key, data, tmp_path, monkeypatch, capsys):
+    """Nothing is left in the conversion cache after any of them."""
+    from bora_pyro import gguf
+
+    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "models").mkdir()
+    path = tmp_path / "models" / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(12))  # too short for the header
+    if key == "missing-gguf":
+        path.unlink()
+    elif key == "several-gguf":
+        (tmp_path / "models" / "other.gguf").write_bytes(b"")
+        path = path.parent
+    elif key == "gguf-extra":
+        monkeypatch.setattr(gguf, "has_gguf_package", lambda: False)
+    api_error(ModelError, key, MultiTaskLM.from_pretrained, path, rank=2)
+    cli_error(fit_args(path, data, tmp_path / "run"), capsys, key)
+    assert not list((tmp_path / "cache").glob("gguf/*"))
 
 
 @pytest.mark.parametrize("key", ["no-tokenizer", "vocabulary"])
