@@ -1,13 +1,18 @@
 """Time and peak memory of one training step: BoRA against plain LoRA, for D = 1, 25, 100 tasks.
 
     python benchmarks/step_time.py                     # GPT-2-small shape, ≈ 10–11 min on 2 CPU cores
-    python benchmarks/step_time.py --quick             # a small shape, ≈ 1 min
+    python benchmarks/step_time.py --quick             # a small shape, ≈ 1 min (--shape quick)
+    python benchmarks/step_time.py --shape smollm2     # SmolLM2-135M's shape (Llama, GQA, 49k vocabulary)
     python benchmarks/step_time.py --json steps.json   # also the table as JSON (each row with its settings),
                                                        # and steps.summary.json: D ratios, floats, predictive
 
 Variants, each in a fresh subprocess (peak RSS only grows within a process), on the same base
-model (GPT-2 shape from a config, frozen), LoRA rank r on c_attn/c_proj/c_fc, batches of 8 rows
-from mixed tasks, fp32:
+model (from a config, random, frozen), batches of 8 rows from mixed tasks, fp32. Shapes: ``full``
+(GPT-2 small: 12 layers × 768, vocabulary 8192, rank 16 on c_attn/c_proj/c_fc), ``quick``, and
+``smollm2`` (SmolLM2-135M: a Llama of 30 layers × 576, 9 heads and 3 key/value heads, vocabulary
+49,152, tied embeddings, rank 8 on all 7 projections of each layer = 210 modules), where the
+[8, 128, 49152] logits (200 MB in float32) make the output layer the step's largest tensor: peft
+scores through them, bora-pyro by chunks (``bora_pyro/token_nll.py``). Variants:
 
 - ``peft``: one peft LoRA adapter, cross-entropy, AdamW (torch's fused kernel, as bora-pyro's
   Adam): the plain LoRA step everything is compared to (``ratio_to_peft``);
@@ -46,11 +51,17 @@ import subprocess
 import sys
 import time
 
-SHAPES = {  # layers, width, heads, vocab, rank, tokens per row, timed steps
-    "full": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=8192, rank=16, length=128, steps=6),
-    "quick": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=1024, rank=8, length=32, steps=10),
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {  # architecture, layers, width, heads, vocab, rank, adapted modules, tokens per row, timed steps
+    "full": dict(model="gpt2", n_layer=12, n_embd=768, n_head=12, vocab_size=8192, rank=16, targets=GPT2_TARGETS,
+                 length=128, steps=6),
+    "quick": dict(model="gpt2", n_layer=2, n_embd=128, n_head=4, vocab_size=1024, rank=8, targets=GPT2_TARGETS,
+                  length=32, steps=10),
+    "smollm2": dict(model="llama", n_layer=30, n_embd=576, n_head=9, n_kv_head=3, intermediate=1536,
+                    vocab_size=49152, rank=8, targets=LLAMA_TARGETS, length=128, steps=4),
 }
-BATCH, WARMUP, TAU, DOCS_PER_TASK, TARGETS = 8, 2, 100.0, 100, ["c_attn", "c_proj", "c_fc"]
+BATCH, WARMUP, TAU, DOCS_PER_TASK = 8, 2, 100.0, 100
 
 
 def peak_rss_mb() -> float:
@@ -59,9 +70,15 @@ def peak_rss_mb() -> float:
 
 def base_model(shape: dict):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if shape["model"] == "llama":
+        config = LlamaConfig(num_hidden_layers=shape["n_layer"], hidden_size=shape["n_embd"],
+                             num_attention_heads=shape["n_head"], num_key_value_heads=shape["n_kv_head"],
+                             intermediate_size=shape["intermediate"], vocab_size=shape["vocab_size"],
+                             max_position_embeddings=shape["length"], tie_word_embeddings=True)
+        return LlamaForCausalLM(config).eval().requires_grad_(False)
     config = GPT2Config(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
                         vocab_size=shape["vocab_size"], n_positions=shape["length"], resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0)
@@ -98,7 +115,8 @@ def peft_model(shape: dict, adapter_name: str = "default"):
     """The base model with one peft LoRA adapter ``adapter_name``, and its LoraConfig (to add more)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], target_modules=TARGETS, fan_in_fan_out=True)
+    config = LoraConfig(r=shape["rank"], lora_alpha=2 * shape["rank"], target_modules=shape["targets"],
+                        fan_in_fan_out=shape["model"] == "gpt2")  # GPT-2's Conv1D stores weights transposed
     return get_peft_model(base_model(shape), config, adapter_name=adapter_name), config
 
 
@@ -152,7 +170,7 @@ def bora_step(shape: dict, num_tasks: int, guide_kind: str):
     from bora_pyro.guides import map_guide, mean_field_guide
     from bora_pyro.models import BoRA, HierarchicalNormal
 
-    lm = MultiTaskLM(base_model(shape), rank=shape["rank"], alpha=2 * shape["rank"], target_modules=TARGETS)
+    lm = MultiTaskLM(base_model(shape), rank=shape["rank"], alpha=2 * shape["rank"], target_modules=shape["targets"])
     model = BoRA(lm, HierarchicalNormal(TAU), num_tasks)
     guide = (map_guide if guide_kind == "map" else mean_field_guide)(model)
     with torch.no_grad():
@@ -229,7 +247,7 @@ def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
     from bora_pyro.models import BoRA, HierarchicalNormal
     from bora_pyro.predictive import posterior_factors, sample_perplexities
 
-    lm = MultiTaskLM(base_model(shape), rank=shape["rank"], alpha=2 * shape["rank"], target_modules=TARGETS)
+    lm = MultiTaskLM(base_model(shape), rank=shape["rank"], alpha=2 * shape["rank"], target_modules=shape["targets"])
     model = BoRA(lm, HierarchicalNormal(TAU), num_tasks)
     guide = mean_field_guide(model, init_scale=0.01)
     with torch.no_grad():
@@ -251,7 +269,7 @@ def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
 
 def child(args, *extra: str) -> dict:
     """Run ``--child *extra`` in a fresh process and return its JSON."""
-    command = [sys.executable, __file__, *(["--quick"] if args.quick else []), "--child", *extra]
+    command = [sys.executable, __file__, "--shape", args.shape, "--child", *extra]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -269,14 +287,16 @@ def summary_path(json_path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small shape (2 layers × 128), ≈ 1 min")
+    parser.add_argument("--shape", choices=SHAPES, default="full", help="the base model's shape (see above)")
+    parser.add_argument("--quick", action="store_true", help="--shape quick: 2 layers × 128, ≈ 1 min")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 25, 100], help="the values of D")
     parser.add_argument("--samples", type=int, default=4, help="S of the predictive throughput check")
     parser.add_argument("--json", metavar="FILE", help="write the step table as JSON to FILE")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     started = time.perf_counter()
-    shape = SHAPES["quick" if args.quick else "full"]
+    args.shape = "quick" if args.quick else args.shape
+    shape = SHAPES[args.shape]
     if args.child:
         kind, *values = args.child
         measure = {"predictive": lambda: measure_predictive(shape, int(values[0]), args.samples),
@@ -302,7 +322,8 @@ def main() -> None:
               "(of their ratios to peft)")
     from bora_pyro import MultiTaskLM
 
-    adapter_params = MultiTaskLM(base_model(shape), rank=shape["rank"], target_modules=TARGETS).num_adapter_params
+    adapter_params = MultiTaskLM(base_model(shape), rank=shape["rank"],
+                                 target_modules=shape["targets"]).num_adapter_params
     largest = max(args.tasks)
     mean_field = next(row for row in rows if row["variant"] == "mean-field" and row["D"] == largest)
     floats = (mean_field["peak_rss_mb"] - peft["peak_rss_mb"]) * 2**20 / 4 / (largest * adapter_params)
@@ -314,8 +335,8 @@ def main() -> None:
     if args.json:
         from bora_pyro.precision import machine_description
 
-        settings = {"shape": "quick" if args.quick else "full", **shape, "batch": BATCH, "warmup_rounds": WARMUP,
-                    "tau": TAU, "target_modules": TARGETS, "precision": "float32", "device": "cpu",
+        settings = {"shape": args.shape, **shape, "batch": BATCH, "warmup_rounds": WARMUP,
+                    "tau": TAU, "target_modules": shape["targets"], "precision": "float32", "device": "cpu",
                     "machine": machine_description("cpu")}
         with open(args.json, "w") as file:  # the rows' keys as they have always been, plus their settings
             json.dump([{key: row[key] for key in ("variant", "D", "median_ms", "ratio_to_peft", "peak_rss_mb")}

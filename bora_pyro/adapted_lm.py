@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import ConfigError, ModelError, first_line
 from .gguf import resolve_base
 from .lora import AdaptedModule, MultiTaskLoRA, linear_features
+from .token_nll import TokenNLL, headless, plain_output_head
 
 #: Default target modules (last component of the module name) per ``config.model_type``:
 #: every linear map of attention and MLP blocks, as peft's ``all-linear`` would choose.
@@ -250,6 +251,7 @@ class MultiTaskLM(nn.Module):
         model.requires_grad_(False)
         model.eval()
         self.model = model
+        self.chunked_scoring = plain_output_head(model) is not None  # see sequence_log_prob
         self.rank, self.alpha = rank, alpha
         self.layers: dict[str, MultiTaskLoRA] = {}
         specs = []
@@ -367,7 +369,12 @@ class MultiTaskLM(nn.Module):
         Returns:
             [batch] float32: ``Σ_{i=1}^{n-1} log p(w_i | w_{<i})`` over each document's n real tokens.
         """
-        # [batch, length, vocab]; no key/value cache: nothing is generated
+        if self.chunked_scoring:  # never the [batch, length, vocab] logits at once: bora_pyro/token_nll.py
+            with headless(self.model) as head:  # no key/value cache: nothing is generated
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            rows, positions = attention_mask[:, 1:].nonzero(as_tuple=True)  # position i predicts token i+1
+            token_nll = TokenNLL.apply(hidden[rows, positions], head.weight, head.bias, input_ids[rows, positions + 1])
+            return -token_nll.new_zeros(input_ids.shape[0]).index_add(0, rows, token_nll)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
         # position i predicts token i+1; the last position predicts nothing (like HF's loss: no copy of the logits)
         targets = nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)

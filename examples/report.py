@@ -72,6 +72,9 @@ def header(results: dict) -> list[str]:
                  f"held-out ppl {base.get('val_ppl', math.nan):.2f})")
     else:
         model = f"`{base.get('model', '?')}`"
+    if "base_plays_perplexity" in base:
+        model += (f" (perplexity {base['base_plays_perplexity']:.2f} on {base['base_plays_documents']} held-out "
+                  "speeches of the other plays)")
     return ["# BoRA on Shakespeare speakers", "",
             f"- Command: `{results['command']}`",
             f"- Run time: {results['minutes']} min{machine_text(results)}",

