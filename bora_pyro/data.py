@@ -7,20 +7,18 @@ prefix, so it predicts ``n - 1`` tokens.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
-import json
 import random
-import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .data_files import load_data
 from .errors import DataError, DataWarning
 
 SPLITS = ("train", "validation", "test")
@@ -224,77 +222,80 @@ def checked_pairs(tasks_and_texts: Sequence[tuple[object, object]]) -> list[tupl
     return pairs
 
 
-def read_columns(path: str | Path) -> dict[str, list]:
-    """The columns (name → one value per row) of a UTF-8 ``.jsonl``/``.json`` or ``.csv`` file,
-    with a one-line :class:`DataError` for a missing, empty, non-UTF-8 or malformed file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist; check the --data path")
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"cannot read {path.name!r}: use a .jsonl, .json or .csv file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text: byte 0x{raw[error.start]:02x} on line {line} cannot be "
-                        "decoded; re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-    if not text.strip():
-        raise DataError(f"data file {path} is empty; it needs one document per row")
-    rows = read_csv(path, text) if kind == "csv" else read_json(path, text)
-    if not rows:
-        raise DataError(f"data file {path} has no rows; it needs one document per row")
-    columns = list(dict.fromkeys(name for row in rows for name in row))
-    return {name: [row.get(name) for row in rows] for name in columns}
+def checked_columns(dataset):
+    """``dataset`` (columns ``task`` and ``text``) with the tasks as strings; a missing task, or a
+    text that is not a string, is a :class:`DataError` naming its row (checked on Arrow columns)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    tasks = dataset.data.column("task")
+    missing = pc.is_null(tasks)
+    if pa_type_is_string(tasks.type):
+        missing = pc.fill_null(pc.or_kleene(missing, pc.equal(pc.utf8_trim_whitespace(tasks), "")), True)
+    if pc.any(missing).as_py():
+        row = first_true(missing)
+        raise DataError(f"row {row + 1} of the data has no task; give every row a task name")
+    texts = dataset.data.column("text")
+    if not (pa_type_is_string(texts.type) or texts.null_count == len(texts)):
+        row = next(n for n, text in enumerate(dataset["text"]) if text is not None and not isinstance(text, str))
+        raise DataError(f"row {row + 1} of the data has a {type(dataset[row]['text']).__name__} as its text, not a "
+                        "string; check --text-field")
+    strings = datasets.Features({"task": datasets.Value("string"), "text": datasets.Value("string")})
+    return dataset if dataset.features == strings else dataset.cast(strings)
 
 
-def read_csv(path: Path, text: str) -> list[dict]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        rows = list(reader)
-    except csv.Error as error:
-        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({error})") from None
-    if reader.fieldnames is None or len(set(reader.fieldnames)) < len(reader.fieldnames):
-        raise DataError(f"{path} needs a header row of distinct column names, got {reader.fieldnames}")
-    return [{k: v for k, v in row.items() if k is not None} for row in rows]
+def pa_type_is_string(type_) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
 
 
-def read_json(path: Path, text: str) -> list[dict]:
-    """JSON lines, or (a file starting with ``[``) one JSON array; every row must be an object.
-    ``NaN`` and ``±Infinity``, which Python's json reads but JSON does not have, are refused."""
-    stripped = text.lstrip()
-    lines = [(1 + text[: len(text) - len(stripped)].count("\n"), stripped)] if stripped.startswith("[") else \
-        [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+def first_true(mask) -> int:
+    """The index of the first true entry of a boolean Arrow array (which has one)."""
+    return int(np.flatnonzero(mask.to_numpy())[0])
 
-    def no_constant(number: int, line: str, constant: str):
-        """json's ``parse_constant``: refuse ``constant``, naming the line of the first one outside a string."""
-        strings_or_constants = re.finditer(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)', line)
-        offset = next((match.start() for match in strings_or_constants if match.group(1)), 0)
-        at = number + line.count("\n", 0, offset)
-        raise DataError(f"{path}, line {at}: {constant} is not a JSON number (JSON has no NaN or Infinity); "
-                        f"write it as null or as a string such as \"{constant}\"")
 
-    rows = []
-    for number, line in lines:
-        try:
-            value = json.loads(line, parse_constant=functools.partial(no_constant, number, line))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}, line {number + error.lineno - 1}: not valid JSON ({error.msg}); a .jsonl file "
-                            "holds one JSON object per line") from None
-        for row in value if isinstance(value, list) else [value]:
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object with a task and a text field, "
-                                f"got {type(row).__name__}")
-            rows.append(row)
-    return rows
+class TokenTable(Sequence):
+    """Documents of token ids that share one flat buffer: document ``n`` is
+    ``tokens[starts[n] : starts[n] + lengths[n]]``. The splits of a corpus index the same buffer
+    (no copy): 4 bytes per token and 16 per document, where Python lists of ints take ~36 bytes
+    per token (``benchmarks/data_memory.py``). Indexing gives a ``list[int]``, as a list of
+    documents would.
+
+    Args:
+        tokens: [total tokens] int32, shared.
+        starts: [documents] int64; lengths: [documents] int64.
+    """
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.tokens, self.starts, self.lengths = tokens, starts, lengths
+
+    @classmethod
+    def from_offsets(cls, tokens: np.ndarray, offsets: np.ndarray) -> TokenTable:
+        """Documents ``tokens[offsets[n] : offsets[n + 1]]`` (Arrow's list layout)."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        return cls(tokens, offsets[:-1], np.diff(offsets))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, n: int) -> list[int]:
+        if not -len(self) <= n < len(self):
+            raise IndexError(n)
+        start = self.starts[n]
+        return self.tokens[start : start + self.lengths[n]].tolist()
+
+    def gather(self, indices: np.ndarray) -> TokenTable:
+        """The documents ``indices``, in that order (the same token buffer)."""
+        return TokenTable(self.tokens, self.starts[indices], self.lengths[indices])
 
 
 class MultiTaskCorpus:
     """Documents of D tasks, tokenised and split per task (stratified, seeded).
 
     Args:
-        tasks_and_texts: (task name, text) pairs, one per document.
+        tasks_and_texts: (task name, text) pairs, one per document, or a ``datasets.Dataset``
+            with columns ``task`` and ``text`` (see :meth:`from_dataset` for other names).
         tokenizer: a Hugging Face tokenizer with an EOS token.
         max_length: documents are truncated to this many tokens (EOS included).
         test_size: fraction of each task's documents held out for test.
@@ -303,6 +304,12 @@ class MultiTaskCorpus:
         seed: seed of the per-task shuffles; a task's split depends only on the seed, the task's
             name and its documents, not on the other tasks.
         task_names: fix the task order (e.g. a fitted run's); by default the sorted task names.
+        cache_dir: where the tokenised copy of a ``datasets.Dataset`` is cached (an Arrow file
+            named by the dataset's fingerprint, the tokenizer's and ``max_length``); None: datasets'
+            default (beside a file-backed dataset's own Arrow files).
+
+    The texts are tokenised with ``Dataset.map`` (batched) and the splits hold the token ids flat
+    (:class:`TokenTable`), so a corpus of millions of short documents fits in memory.
 
     Attributes:
         task_names: the D task names; task index ``d`` is ``task_names[d]``.
@@ -311,75 +318,143 @@ class MultiTaskCorpus:
 
     def __init__(
         self,
-        tasks_and_texts: Sequence[tuple[str, str]],
+        tasks_and_texts,
         tokenizer,
         max_length: int = 256,
         test_size: float = 0.33,
         validation_size: float = 0.0,
         seed: int = 0,
         task_names: Sequence[str] | None = None,
+        cache_dir: str | Path | None = None,
     ):
+        import datasets
+
         if not 0 <= test_size < 1 or not 0 <= validation_size < 1:
             raise DataError(f"test_size and validation_size must lie in [0, 1), got {test_size}, {validation_size}")
         if max_length < 2:
             raise DataError(f"max_length must be ≥ 2 tokens, got {max_length}")
         self.tokenizer, self.max_length = tokenizer, max_length
-        pairs = checked_pairs(tasks_and_texts)
-        non_empty = [(task, text) for task, text in pairs if text.strip()]
-        specials = tokenizer.num_special_tokens_to_add()  # e.g. a BOS token: not text
-        token_ids = self.token_ids([text for _, text in non_empty])
-        kept = [(task, self.with_eos(ids)) for (task, _), ids in zip(non_empty, token_ids) if len(ids) > specials]
-        self.num_dropped = len(pairs) - len(kept)
-        if not kept:
-            raise DataError(f"none of the {len(pairs)} documents has any text (empty, or no tokens for this "
+        if isinstance(tasks_and_texts, datasets.Dataset):
+            dataset = checked_columns(tasks_and_texts)
+        else:
+            pairs = checked_pairs(tasks_and_texts)
+            dataset = datasets.Dataset.from_dict({"task": [task for task, _ in pairs], "text": [text for _, text in pairs]},
+                                                 features=datasets.Features({"task": datasets.Value("string"),
+                                                                             "text": datasets.Value("string")}))
+        if len(dataset) == 0:
+            raise DataError("none of the 0 documents has any text: check --text-field and the file's contents")
+        encoded = self.encoded(dataset, cache_dir)
+        ids = encoded.data.column("ids").combine_chunks()
+        documents = TokenTable.from_offsets(ids.values.to_numpy(), ids.offsets.to_numpy())
+        kept = documents.lengths > 0
+        num_empty = int(np.sum(encoded.data.column("empty").to_numpy()))
+        self.num_dropped = len(kept) - int(kept.sum())
+        if not kept.any():
+            raise DataError(f"none of the {len(kept)} documents has any text (empty, or no tokens for this "
                             "tokenizer): check --text-field and the file's contents")
         if self.num_dropped:
-            warnings.warn(f"dropped {self.num_dropped} of {len(pairs)} documents: "
-                          f"{len(pairs) - len(non_empty)} with empty text, {len(non_empty) - len(kept)} that "
-                          "tokenise to no tokens", DataWarning, stacklevel=2)
-        self.task_names = list(task_names) if task_names is not None else sorted({task for task, _ in kept})
+            warnings.warn(f"dropped {self.num_dropped} of {len(kept)} documents: {num_empty} with empty text, "
+                          f"{self.num_dropped - num_empty} that tokenise to no tokens", DataWarning, stacklevel=2)
+        task_column = encoded.data.column("task").combine_chunks().dictionary_encode()
+        names_in_data = task_column.dictionary.to_pylist()
+        kept_rows = np.flatnonzero(kept)
+        codes = task_column.indices.to_numpy()[kept_rows]
+        present = sorted({names_in_data[code] for code in np.unique(codes)})
+        self.task_names = list(task_names) if task_names is not None else present
         index = {name: d for d, name in enumerate(self.task_names)}
-        unknown = sorted({task for task, _ in kept} - index.keys())
+        unknown = sorted(set(present) - index.keys())
         if unknown:
             raise DataError(
                 f"the data has tasks {shorten(unknown)} that the run was not fitted on (its {len(index)} tasks: "
                 f"{shorten(self.task_names)}): remove those rows, or fit a run that includes them"
             )
 
-        by_task: dict[str, list[list[int]]] = {name: [] for name in self.task_names}
-        for task, tokens in kept:
-            by_task[task].append(tokens)
-        self.train, self.validation, self.test = (DocumentSet([], []) for _ in SPLITS)
-        no_test = [name for name, docs in by_task.items() if docs and split_sizes(len(docs), test_size, 0)[2] == 0]
+        by_code = np.argsort(codes, kind="stable")  # each task's documents in the data's order
+        bounds = np.searchsorted(codes[by_code], np.arange(len(names_in_data) + 1))
+        rows_of = {names_in_data[code]: kept_rows[by_code[bounds[code]:bounds[code + 1]]]
+                   for code in range(len(names_in_data))}
+        no_test = [name for name in self.task_names
+                   if len(rows_of.get(name, ())) and split_sizes(len(rows_of[name]), test_size, 0)[2] == 0]
         if test_size > 0 and no_test:
             warnings.warn(
                 f"{len(no_test)} tasks ({shorten(no_test)}) get no test document at test_size={test_size}: the split "
                 "keeps at least one training document per task and rounds the test share, so a task of 1 document "
                 "is train-only; these tasks have no test perplexity", DataWarning, stacklevel=2)
-        for name, docs in by_task.items():
-            order = list(range(len(docs)))
+        split_rows: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+        split_tasks: dict[str, list[int]] = {split: [] for split in SPLITS}
+        for name in self.task_names:
+            rows = rows_of.get(name, np.zeros(0, dtype=np.int64))
+            order = list(range(len(rows)))
             random.Random(f"{seed}:{name}").shuffle(order)
-            n_train, n_validation, _ = split_sizes(len(docs), test_size, validation_size)
-            bounds = (0, n_train, n_train + n_validation, len(docs))
-            for split, lo, hi in zip((self.train, self.validation, self.test), bounds, bounds[1:]):
-                split.documents.extend(docs[i] for i in order[lo:hi])
-                split.task_ids.extend([index[name]] * (hi - lo))
+            n_train, n_validation, _ = split_sizes(len(rows), test_size, validation_size)
+            limits = (0, n_train, n_train + n_validation, len(rows))
+            for split, lo, hi in zip(SPLITS, limits, limits[1:]):
+                split_rows[split].append(rows[order[lo:hi]])
+                split_tasks[split] += [index[name]] * (hi - lo)
+        self.train, self.validation, self.test = (
+            DocumentSet(documents.gather(np.concatenate(split_rows[split] or [np.zeros(0, dtype=np.int64)])),
+                        split_tasks[split])
+            for split in SPLITS)
 
     @classmethod
-    def from_file(cls, path: str | Path, tokenizer, task_field: str = "task", text_field: str = "text", **kwargs):
-        """Read a UTF-8 JSON-lines (``.jsonl``; ``.json`` may also be one array of objects) or CSV
-        (``.csv``, with a header row) file with a task and a text column."""
-        return cls.from_dataset(read_columns(path), tokenizer, task_field, text_field, **kwargs)
+    def from_file(cls, path: str | Path, tokenizer, task_field: str = "task", text_field: str = "text",
+                  cache_dir: str | Path | None = None, **kwargs):
+        """Read a data file (``.jsonl``, ``.json``, ``.csv`` with a header row, ``.parquet``) or a
+        ``Dataset.save_to_disk`` folder with a task and a text column (:mod:`bora_pyro.data_files`);
+        ``cache_dir``: where datasets keeps its Arrow copy of the file and the tokenised columns
+        (default datasets' cache, ``HF_DATASETS_CACHE``; never the folder of a saved dataset)."""
+        import datasets
+
+        cache_dir = Path(cache_dir or datasets.config.HF_DATASETS_CACHE)
+        return cls.from_dataset(load_data(path, cache_dir), tokenizer, task_field, text_field,
+                                cache_dir=cache_dir / "bora-pyro-tokens", **kwargs)
 
     @classmethod
     def from_dataset(cls, dataset, tokenizer, task_field: str = "task", text_field: str = "text", **kwargs):
         """Build from a ``datasets.Dataset`` (or any mapping of column name → list)."""
+        import datasets
+
         columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
         for field in (task_field, text_field):
             if field not in columns:
                 raise DataError(f"the data has no column {field!r}; its columns are {shorten(list(columns))} "
                                 "(set --task-field/--text-field)")
-        return cls(list(zip(dataset[task_field], dataset[text_field])), tokenizer, **kwargs)
+        if not isinstance(dataset, datasets.Dataset) or task_field == text_field:
+            return cls(list(zip(dataset[task_field], dataset[text_field])), tokenizer, **kwargs)
+        selected = dataset.select_columns([task_field, text_field])  # renamed in two steps: either may be "task"
+        selected = selected.rename_columns({task_field: "_task", text_field: "_text"})
+        return cls(selected.rename_columns({"_task": "task", "_text": "text"}), tokenizer, **kwargs)
+
+    def encoded(self, dataset, cache_dir: str | Path | None = None):
+        """``Dataset.map`` of the texts to token ids (``ids``: EOS appended, truncated to
+        ``max_length``; empty for a document that is dropped) and whether the text is ``empty``."""
+        import datasets
+        from datasets.fingerprint import Hasher
+
+        specials = self.tokenizer.num_special_tokens_to_add()  # e.g. a BOS token: not text
+
+        def encode(batch: dict) -> dict:
+            texts = [text or "" for text in batch["text"]]
+            empty = [not text.strip() for text in texts]
+            ids = self.token_ids(texts)
+            return {"ids": [[] if drop or len(i) <= specials else self.with_eos(i) for drop, i in zip(empty, ids)],
+                    "empty": empty}
+
+        features = datasets.Features({"task": datasets.Value("string"), "ids": datasets.Sequence(datasets.Value("int32")),
+                                      "empty": datasets.Value("bool")})
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # one-line warnings and errors on the CLI's stderr
+        try:
+            if cache_dir is None:
+                return dataset.map(encode, batched=True, remove_columns=["text"], features=features)
+            fingerprint = Hasher.hash([dataset._fingerprint, Hasher.hash(self.tokenizer), self.max_length, "ids+eos"])
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            return dataset.map(encode, batched=True, remove_columns=["text"], features=features,
+                               cache_file_name=str(Path(cache_dir) / f"tokens-{fingerprint}.arrow"),
+                               new_fingerprint=fingerprint)
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text with EOS appended, truncated to ``max_length``."""

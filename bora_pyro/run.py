@@ -107,7 +107,7 @@ class RunConfig:
         if self.tau_prior is not None and self.chosen_guide == "map":
             raise ConfigError("--guide map cannot learn τ (MAP over τ and the task factors is degenerate: "
                               "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
-        if self.data is not None and not Path(self.data).is_file():
+        if self.data is not None and not Path(self.data).exists():
             raise ConfigError(f"data file {self.data!r} does not exist; check the --data path")
         check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr, self.log_scale_lr)
 

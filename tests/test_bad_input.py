@@ -51,10 +51,15 @@ ERRORS: dict[str, tuple[str, str, str]] = {
     # data
     "missing-data": ("`--data` file does not exist", "does not exist", "check the --data path"),
     "empty-data": ("empty data file", "is empty", "it needs one document per row"),
-    "bad-extension": ("data file that is not .jsonl, .json or .csv", "cannot read", "use a .jsonl, .json or .csv file"),
+    "bad-extension": ("data file that is not .jsonl, .json, .csv, .parquet or a `save_to_disk` folder", "cannot read",
+                      "use a .jsonl, .json, .csv or .parquet file, or a folder written by Dataset.save_to_disk"),
     "bad-json": ("a line that is not JSON", "not valid JSON", "holds one JSON object per line"),
     "non-finite-json": ("`NaN` or `Infinity` in a JSON data file (Python reads them, JSON has none)",
                         "JSON has no NaN or Infinity", "write it as null or as a string"),
+    "not-a-dataset": ("a `--data` folder that `Dataset.save_to_disk` did not write", "cannot read the folder",
+                      "--data takes a .jsonl, .json, .csv or .parquet file"),
+    "dataset-dict": ("a `--data` folder of a saved `DatasetDict` (several splits)", "holds a DatasetDict",
+                     "save one split"),
     "missing-column": ("no column named by `--task-field`/`--text-field`", "the data has no column",
                        "set --task-field/--text-field"),
     "not-utf8": ("bytes that are not UTF-8", "is not UTF-8 text", "re-save the file as UTF-8"),
@@ -264,6 +269,21 @@ def test_bad_data_files(key, tmp_path, gpt2_dir, capsys):
     out = tmp_path / "run"
     cli_error(fit_args(gpt2_dir, path, out), capsys, key)
     assert not out.exists()  # nothing written for a fit that could not start
+
+
+@pytest.mark.parametrize("key", ["not-a-dataset", "dataset-dict"])
+def test_bad_data_folders(key, tmp_path, gpt2_dir, capsys):
+    import datasets
+
+    path = tmp_path / "data"
+    path.mkdir()
+    if key == "dataset-dict":
+        rows = datasets.Dataset.from_dict({"speaker": ["a", "b"], "line": ["w1", "w2"]})
+        datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk(path)
+    api_error(DataError, key, MultiTaskCorpus.from_file, path, load_tokenizer(gpt2_dir))
+    out = tmp_path / "run"
+    cli_error(fit_args(gpt2_dir, path, out), capsys, key)
+    assert not out.exists()
 
 
 def test_missing_data_file(tmp_path, gpt2_dir, capsys):

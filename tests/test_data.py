@@ -97,3 +97,64 @@ def test_training_batches_are_full_and_weigh_every_document_alike(tokenizer, num
     weights /= epochs * steps_per_epoch
     assert float(weights.sum()) == pytest.approx(num_docs)  # exact: N/B per row, B rows a step
     assert float((weights - 1).abs().max()) < 0.03  # the longest documents included (the old max was 1.19)
+
+
+def split_documents(corpus) -> dict:
+    return {split: (list(map(list, corpus.documents(split).documents)), list(corpus.documents(split).task_ids))
+            for split in ("train", "validation", "test")}
+
+
+def test_parquet_and_saved_dataset_read_like_jsonl(tmp_path, tokenizer):
+    """The same rows as .jsonl, .parquet and a save_to_disk folder give the same corpus; the
+    tokenised copy is cached: a second read of the file adds no Arrow file."""
+    import datasets
+
+    records = synthetic_records(3, 12)
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dataset = datasets.Dataset.from_list(records)
+    dataset.to_parquet(tmp_path / "data.parquet")
+    dataset.save_to_disk(tmp_path / "saved")
+    read = {path: MultiTaskCorpus.from_file(tmp_path / path, tokenizer, task_field="speaker", text_field="line",
+                                            validation_size=0.2, cache_dir=tmp_path / "cache")
+            for path in ("data.jsonl", "data.parquet", "saved")}
+    assert split_documents(read["data.parquet"]) == split_documents(read["data.jsonl"]) == split_documents(read["saved"])
+    assert read["saved"].task_names == ["task0", "task1", "task2"]
+    cached = sorted((tmp_path / "cache").rglob("*.arrow"))
+    assert cached  # datasets' Arrow copy of the file and its tokenised columns
+    MultiTaskCorpus.from_file(jsonl, tokenizer, task_field="speaker", text_field="line", validation_size=0.2,
+                              cache_dir=tmp_path / "cache")
+    assert sorted((tmp_path / "cache").rglob("*.arrow")) == cached
+
+
+def test_the_cli_fits_a_parquet_file_and_a_saved_dataset_like_the_jsonl(tmp_path, gpt2_dir, capsys):
+    import datasets
+
+    from bora_pyro.cli import main
+
+    records = synthetic_records(3, 12)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    datasets.Dataset.from_list(records).to_parquet(tmp_path / "data.parquet")
+    datasets.Dataset.from_list(records).save_to_disk(tmp_path / "saved")
+    reports = {}
+    for data in ("data.jsonl", "data.parquet", "saved"):
+        out = tmp_path / f"run-{data}"
+        assert main(["fit", "--model", gpt2_dir, "--data", str(tmp_path / data), "--task-field", "speaker",
+                     "--text-field", "line", "--rank", "2", "--steps", "3", "--batch-size", "4", "--max-length", "32",
+                     "--out", str(out), "--quiet"]) == 0
+        reports[data] = json.loads((out / "metrics.json").read_text())["test"]
+    assert reports["data.parquet"] == reports["data.jsonl"] == reports["saved"]
+
+
+def test_token_table_indexes_and_gathers_like_a_list():
+    import numpy as np
+
+    from bora_pyro.data import TokenTable
+
+    documents = [[5, 6, 7], [], [8], [9, 10]]
+    table = TokenTable.from_offsets(np.array([5, 6, 7, 8, 9, 10], dtype=np.int32), np.array([0, 3, 3, 4, 6]))
+    assert list(table) == documents and len(table) == 4 and table[-1] == [9, 10]
+    with pytest.raises(IndexError):
+        table[4]
+    assert list(table.gather(np.array([3, 0, 2, 1]))) == [documents[i] for i in (3, 0, 2, 1)]
+    assert list(table.gather(np.array([], dtype=np.int64))) == []

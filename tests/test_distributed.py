@@ -67,8 +67,9 @@ def test_fit_under_torchrun_writes_on_rank_0_stops_on_sigterm_and_resumes(gpt2_d
     assert main(["fit", *args, "--out", str(single_dir)]) == 0
     parallel = safetensors.torch.load_file(run_dir / GUIDE_FILE)
     # up to rounding: Adam's first steps divide by the root of a few squared gradients, so the
-    # all-reduce's rounding (~1e-7) grows to ~3e-5 here at lr 0.05 (offsets, the default); a
-    # missing average or a wrong shard is off by ~lr
-    assert max_difference(parallel, safetensors.torch.load_file(single_dir / GUIDE_FILE)) <= 1e-4
+    # all-reduce's rounding (~1e-7) grows here at lr 0.05 (offsets, the default) to ~6e-4 (measured;
+    # ~3e-5 when the head's logits were scored whole, before token_nll.py); a missing average or a
+    # wrong shard is off by ~lr
+    assert max_difference(parallel, safetensors.torch.load_file(single_dir / GUIDE_FILE)) <= 2e-3
     metrics = (run_dir / METRICS_FILE).read_text()
     assert '"steps": 6' in metrics and '"best_step"' in metrics

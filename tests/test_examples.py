@@ -80,8 +80,7 @@ def test_shakespeare_quick(shakespeare_quick):
 
 
 def test_shakespeare_quick_resume_reuses_every_saved_fit(shakespeare_quick, cache_dir, tmp_path):
-    """``--resume`` rebuilds the results from the fits saved in OUT/fits/ without fitting again
-    (a changed setting would refit: the settings are part of each saved fit)."""
+    """``--resume`` rebuilds the results from the fits saved in OUT/fits/ without fitting again."""
     out = tmp_path / "results"
     out.mkdir()
     (out / "fits").symlink_to(shakespeare_quick / "fits")
@@ -94,6 +93,25 @@ def test_shakespeare_quick_resume_reuses_every_saved_fit(shakespeare_quick, cach
     assert json.loads((out / "results.json").read_text())["runs"] == \
         json.loads((shakespeare_quick / "results.json").read_text())["runs"]
     assert saved == {path.name: path.read_bytes() for path in (shakespeare_quick / "fits").iterdir()}
+
+
+def test_a_saved_fit_is_reused_only_with_resume_and_the_same_settings(tmp_path):
+    from test_precision import load_example
+
+    example = load_example("shakespeare_speakers")
+    args = example.parse_args(["--out", str(tmp_path), "--resume"])
+    fits = []
+
+    def fit_once():
+        fits.append(1)
+        return {"perplexity": 10.0 + len(fits)}
+
+    assert example.saved_fit("a", args, fit_once) == {"perplexity": 11.0}
+    assert example.saved_fit("a", args, fit_once) == {"perplexity": 11.0} and len(fits) == 1  # reused
+    args.lr *= 2
+    assert example.saved_fit("a", args, fit_once) == {"perplexity": 12.0}  # another setting: fitted again
+    args.resume = False
+    assert example.saved_fit("a", args, fit_once) == {"perplexity": 13.0}  # no --resume: always fitted
 
 
 def test_smollm2_quick(cache_dir, tmp_path):
