@@ -8,6 +8,7 @@ prefix, so it predicts ``n - 1`` tokens.
 from __future__ import annotations
 
 import functools
+import os
 import random
 import warnings
 from collections import Counter
@@ -223,31 +224,35 @@ def checked_pairs(tasks_and_texts: Sequence[tuple[object, object]]) -> list[tupl
 
 
 def checked_columns(dataset):
-    """``dataset`` (columns ``task`` and ``text``) with the tasks as strings; a missing task, or a
-    text that is not a string, is a :class:`DataError` naming its row (checked on Arrow columns)."""
+    """``dataset`` (columns ``task`` and ``text``) with string columns, tasks as ``str(task)`` (as
+    for pairs); a missing task, or a text that is not a string, is a :class:`DataError` naming its
+    row. String columns are checked on Arrow; others (numbers, a JSON file's mixed types, which
+    datasets keeps JSON-encoded) on their decoded values."""
     import datasets
     import pyarrow.compute as pc
 
-    tasks = dataset.data.column("task")
-    missing = pc.is_null(tasks)
-    if pa_type_is_string(tasks.type):
-        missing = pc.fill_null(pc.or_kleene(missing, pc.equal(pc.utf8_trim_whitespace(tasks), "")), True)
-    if pc.any(missing).as_py():
-        row = first_true(missing)
-        raise DataError(f"row {row + 1} of the data has no task; give every row a task name")
-    texts = dataset.data.column("text")
-    if not (pa_type_is_string(texts.type) or texts.null_count == len(texts)):
-        row = next(n for n, text in enumerate(dataset["text"]) if text is not None and not isinstance(text, str))
-        raise DataError(f"row {row + 1} of the data has a {type(dataset[row]['text']).__name__} as its text, not a "
-                        "string; check --text-field")
+    if dataset._indices is not None:  # a select/filter/shuffle: the rows as the user sees them
+        dataset = dataset.flatten_indices()
     strings = datasets.Features({"task": datasets.Value("string"), "text": datasets.Value("string")})
-    return dataset if dataset.features == strings else dataset.cast(strings)
-
-
-def pa_type_is_string(type_) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    task_is_text = dataset.features["task"] == strings["task"]
+    if task_is_text:
+        tasks = dataset.data.column("task")
+        missing = pc.fill_null(pc.or_kleene(pc.is_null(tasks), pc.equal(pc.utf8_trim_whitespace(tasks), "")), True)
+        row = first_true(missing) if pc.any(missing).as_py() else None
+    else:
+        row = next((n for n, task in enumerate(dataset["task"]) if task is None or str(task).strip() == ""), None)
+    if row is not None:
+        raise DataError(f"row {row + 1} of the data has no task; give every row a task name")
+    text_is_text = dataset.features["text"] in (strings["text"], datasets.Value("null"))
+    if not text_is_text:
+        row = next((n for n, text in enumerate(dataset["text"]) if text is not None and not isinstance(text, str)), None)
+        if row is not None:
+            raise DataError(f"row {row + 1} of the data has a {type(dataset[row]['text']).__name__} as its text, not a "
+                            "string; check --text-field")
+    if task_is_text and dataset.features["text"] == strings["text"]:
+        return dataset
+    return dataset.map(lambda batch: {"task": [str(task) for task in batch["task"]], "text": batch["text"]},
+                       batched=True, features=strings)
 
 
 def first_true(mask) -> int:
@@ -447,7 +452,9 @@ class MultiTaskCorpus:
         try:
             if cache_dir is None:
                 return dataset.map(encode, batched=True, remove_columns=["text"], features=features)
-            fingerprint = Hasher.hash([dataset._fingerprint, Hasher.hash(self.tokenizer), self.max_length, "ids+eos"])
+            files = [(file["filename"], os.stat(file["filename"]).st_size, os.stat(file["filename"]).st_mtime_ns)
+                     for file in dataset.cache_files]  # a saved dataset's fingerprint does not say what it holds
+            fingerprint = Hasher.hash([dataset._fingerprint, files, Hasher.hash(self.tokenizer), self.max_length])
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             return dataset.map(encode, batched=True, remove_columns=["text"], features=features,
                                cache_file_name=str(Path(cache_dir) / f"tokens-{fingerprint}.arrow"),

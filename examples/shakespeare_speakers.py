@@ -44,6 +44,7 @@ import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, distributed, evaluate, evaluate_base, fit, load_tokenizer
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers
+from bora_pyro.adapted_lm import weights_fingerprint
 from bora_pyro.diagnostics import diagnose
 from bora_pyro.errors import ConfigError
 from bora_pyro.guides import LEARNED_TAU_CENTERED, learned_tau_guide, map_guide, mean_field_guide, quantiles
@@ -72,7 +73,7 @@ BASES = {
                           "base_plays_docs": 100, "out": "examples/results-smollm2-quick"}},
 }
 #: The settings a saved fit (``--resume``) must share with this run to be reused.
-FIT_SETTINGS = ("base", "model", "max_length", "batch_size", "lr", "log_scale_lr", "rank", "alpha", "target_modules",
+FIT_SETTINGS = ("base", "model", "base_fingerprint", "max_length", "batch_size", "lr", "log_scale_lr", "rank", "alpha", "target_modules",
                 "steps", "eval_every", "patience", "bf16", "docs_per_speaker", "device")
 
 
@@ -345,6 +346,7 @@ def main(argv=None) -> int:
     with distributed.main_first():  # one process converts a GGUF file, the others load its cache
         lm = MultiTaskLM.from_pretrained(base_dir, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules)
     lm = lm.to(args.device)
+    args.base_fingerprint = weights_fingerprint(lm.model)  # saved fits are reused only on the same weights
     corpus = speaker_corpus(speakers, base_dir, lm, args.max_length, args.docs_per_speaker)
     counts = corpus.counts()
     base_test = evaluate_base(lm, corpus, "test")

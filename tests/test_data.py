@@ -158,3 +158,35 @@ def test_token_table_indexes_and_gathers_like_a_list():
         table[4]
     assert list(table.gather(np.array([3, 0, 2, 1]))) == [documents[i] for i in (3, 0, 2, 1)]
     assert list(table.gather(np.array([], dtype=np.int64))) == []
+
+
+def test_datasets_edge_cases_read_as_the_python_reader_did(tmp_path, tokenizer):
+    """Tasks of mixed JSON types are ``str(task)``; a CSV row with extra fields keeps its first
+    columns; a filtered dataset is read as filtered; two saved datasets that datasets gives the
+    same fingerprint (built by from_generator) still get their own tokens."""
+    import datasets
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"task": 3, "text": "w1"}\n{"task": "b", "text": "w2"}\n{"task": 1.0, "text": "w3"}\n'
+                     '{"task": true, "text": "w4"}\n')
+    corpus = MultiTaskCorpus.from_file(mixed, tokenizer, test_size=0.0, cache_dir=tmp_path / "cache")
+    assert corpus.task_names == sorted(["3", "b", "1.0", "True"])
+    extra = tmp_path / "extra.csv"
+    extra.write_text("task,text\na,w1 w2,1\nb,w3,2\n")
+    with pytest.warns(Warning):  # pandas says it drops the extra fields
+        corpus = MultiTaskCorpus.from_file(extra, tokenizer, test_size=0.0, cache_dir=tmp_path / "cache")
+    assert corpus.task_names == ["a", "b"]
+    filtered = datasets.Dataset.from_dict({"task": ["a", None, "b"], "text": ["w1", "w2", "w3"]})
+    corpus = MultiTaskCorpus.from_dataset(filtered.filter(lambda row: row["task"] is not None), tokenizer, test_size=0.0)
+    assert corpus.task_names == ["a", "b"]
+
+    def rows(texts):
+        yield from ({"task": "a", "text": text} for text in texts)
+
+    for n, texts in enumerate((["w0 w1"], ["w2 w3 w4"])):
+        datasets.Dataset.from_generator(rows, gen_kwargs={"texts": texts}, cache_dir=str(tmp_path / f"generated{n}")) \
+            .save_to_disk(tmp_path / f"saved{n}")
+    read = [list(MultiTaskCorpus.from_file(tmp_path / f"saved{n}", tokenizer, test_size=0.0,
+                                           cache_dir=tmp_path / "cache").train.documents) for n in range(2)]
+    assert read == [[tokenizer("w0 w1")["input_ids"] + [tokenizer.eos_token_id]],
+                    [tokenizer("w2 w3 w4")["input_ids"] + [tokenizer.eos_token_id]]]

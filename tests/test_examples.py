@@ -100,6 +100,7 @@ def test_a_saved_fit_is_reused_only_with_resume_and_the_same_settings(tmp_path):
 
     example = load_example("shakespeare_speakers")
     args = example.parse_args(["--out", str(tmp_path), "--resume"])
+    args.base_fingerprint = "0123456789abcdef"
     fits = []
 
     def fit_once():
@@ -110,8 +111,10 @@ def test_a_saved_fit_is_reused_only_with_resume_and_the_same_settings(tmp_path):
     assert example.saved_fit("a", args, fit_once) == {"perplexity": 11.0} and len(fits) == 1  # reused
     args.lr *= 2
     assert example.saved_fit("a", args, fit_once) == {"perplexity": 12.0}  # another setting: fitted again
+    args.base_fingerprint = "fedcba9876543210"
+    assert example.saved_fit("a", args, fit_once) == {"perplexity": 13.0}  # another base: fitted again
     args.resume = False
-    assert example.saved_fit("a", args, fit_once) == {"perplexity": 13.0}  # no --resume: always fitted
+    assert example.saved_fit("a", args, fit_once) == {"perplexity": 14.0}  # no --resume: always fitted
 
 
 def test_smollm2_quick(cache_dir, tmp_path):
