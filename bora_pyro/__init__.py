@@ -5,6 +5,7 @@ The public API::
     from bora_pyro import MultiTaskLM, MultiTaskCorpus, fit, evaluate
     from bora_pyro.models import BoRA, HierarchicalNormal, Independent, Joint
     from bora_pyro.guides import map_guide, mean_field_guide
+    from bora_pyro import TaskStore  # map_guide(model, task_store=TaskStore(folder)): tasks off the device
     from bora_pyro import distributed  # under torchrun: distributed.init_from_env(device), then fit as usual
     from bora_pyro import to_arviz  # a run's draws for ArviZ: az.loo, az.waic, az.compare
 """
@@ -21,10 +22,11 @@ from .export import export_peft, merge  # noqa: E402
 from .fit import FitResult, fit, paper_lr  # noqa: E402
 from .inference_data import to_arviz  # noqa: E402
 from .run import RunConfig, load_run, save_run  # noqa: E402
+from .task_store import TaskStore  # noqa: E402
 
 __all__ = [
     "Batch", "BoRAError", "CheckpointError", "ConfigError", "DataError", "DataWarning", "FitError", "FitInterrupted",
     "FitResult", "ModelError", "WriteError",
     "MultiTaskCorpus", "MultiTaskLM", "RunConfig", "evaluate", "evaluate_base", "export_peft", "fit",
-    "load_run", "load_tokenizer", "merge", "paper_lr", "save_run", "to_arviz",
+    "TaskStore", "load_run", "load_tokenizer", "merge", "paper_lr", "save_run", "to_arviz",
 ]

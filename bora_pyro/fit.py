@@ -34,6 +34,7 @@ from .errors import CheckpointError, ConfigError, ConvergenceWarning, FitError, 
 from .evaluate import evaluate
 from .diagnostics import site_log_scales
 from .guides import param_groups
+from .task_store import TaskStore, guide_task_store
 
 
 @dataclass
@@ -225,14 +226,23 @@ class SVIStep:
         NotFinite: the loss or a gradient is nan or inf (on any process); the parameters are left unchanged.
     """
 
-    def __init__(self, model, guide, optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext()):
+    def __init__(self, model, guide, optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext(),
+                 task_store: TaskStore | None = None):
         self.model, self.guide, self.optimizer, self.autocast = model, guide, optimizer, autocast
+        self.task_store = task_store
         self.elbo = Trace_ELBO()
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         self.validated = False
 
     def __call__(self, batch: Batch, interrupted: bool = False) -> StepReport:
         """Take the step; ``interrupted``: this process was asked to stop (reported to all)."""
+        try:
+            return self.step(batch, interrupted)
+        finally:
+            if self.task_store is not None:
+                self.task_store.discard()  # a failed step leaves the stored rows as they were
+
+    def step(self, batch: Batch, interrupted: bool) -> StepReport:
         # Pyro validates the first step's distributions and values (a prior's shape or support
         # error shows there); every later step skips it: it walks each [K, P] site once more
         validation = contextlib.nullcontext() if not self.validated else pyro.validation_enabled(False)
@@ -259,10 +269,18 @@ class SVIStep:
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:  # not when a process's share is empty and the prior flat: no term at all
             loss.backward()
-        distributed.average_gradients(self.parameters)
-        if not all_finite(p.grad for p in self.parameters if p.grad is not None):
+        parameters = self.parameters + (self.task_store.leaves() if self.task_store is not None else [])
+        distributed.average_gradients(parameters)
+        if not all_finite(p.grad for p in parameters if p.grad is not None):
             raise NotFinite("gradient")
-        self.optimizer.step()
+        if self.task_store is None:
+            self.optimizer.step()
+        else:
+            self.task_store.attach(self.optimizer)
+            try:
+                self.optimizer.step()
+            finally:
+                self.task_store.detach(self.optimizer)
         self.validated = True
         return StepReport(report[1], report[2], int(report[3]), report[4] > 0)
 
@@ -382,8 +400,12 @@ def fit(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
+    task_store = guide_task_store(guide)
+    if task_store is not None and (on_checkpoint is not None or resume is not None):
+        raise ConfigError("a fit whose guide has a task store cannot checkpoint or resume yet: "
+                          "fit it without on_checkpoint/resume, or without the task store")
     optim = make_optimizer(optimizer, optimizer_groups(guide, lr, log_scale_lr, weight_decay), lr)
-    svi_step = SVIStep(model, guide, optim, autocast)
+    svi_step = SVIStep(model, guide, optim, autocast, task_store)
 
     result = FitResult(steps=0, best_step=0, elbo_window=elbo_window, start_log_scales=site_log_scales(guide))
     best_nll, best_state, checks_without_gain = math.inf, None, 0
@@ -435,6 +457,8 @@ def fit(
             if report["nll"] < best_nll:
                 best_nll, checks_without_gain, result.best_step = report["nll"], 0, step
                 best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+                if task_store is not None:
+                    task_store.snapshot()
             else:
                 checks_without_gain += 1
         result.history.append(entry)
@@ -449,7 +473,10 @@ def fit(
                initial=result.steps, total=total_steps)
     with deferred_stop() as interrupted, contextlib.closing(bar), reuse_large_blocks(device):
         for step in bar:
-            batch = next(batches).shard(rank, num_ranks).to(device)
+            batch = next(batches)
+            if task_store is not None:
+                task_store.fetch(batch.task_ids.unique().tolist())  # the global batch's: the same on every process
+            batch = batch.shard(rank, num_ranks).to(device)
             try:
                 report = svi_step(batch, interrupted())
             except NotFinite as error:
@@ -479,6 +506,8 @@ def fit(
             warnings.warn(message, ConvergenceWarning, stacklevel=2)
     if best_state is not None:
         guide.load_state_dict(best_state)
+        if task_store is not None:
+            task_store.restore_snapshot()
     else:
         result.best_step = result.steps
     return result

@@ -32,6 +32,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from bora_pyro.errors import ConfigError
 from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
 from bora_pyro.models.priors import LEARNED_TAU_CENTERED, PACKED, factor_layout, hyperparameter_sites, is_factor_site
+from bora_pyro.task_store import TaskStore
 
 from .taskwise import TaskwiseDelta, TaskwiseNormal, is_log_scale, unmangled
 
@@ -80,8 +81,9 @@ class LoRAInit:
         return self.draw_A(module, tuple(value.shape[-2:])).to(value).expand_as(value).clone()
 
 
-def map_guide(model, seed: int = 0) -> AutoDelta:
-    """The paper's MAP estimator: a point mass at every site, started like LoRA.
+def map_guide(model, seed: int = 0, task_store: TaskStore | None = None) -> AutoDelta:
+    """The paper's MAP estimator: a point mass at every site, started like LoRA; the tasks' values
+    in ``task_store`` when given (:class:`~bora_pyro.task_store.TaskStore`).
 
     Refused (:class:`~bora_pyro.errors.ConfigError`) when the prior of the BoRA ``model`` has
     hyperparameter sites such as a latent τ: their MAP with the task factors is degenerate.
@@ -93,7 +95,8 @@ def map_guide(model, seed: int = 0) -> AutoDelta:
             "task factors is degenerate (τ → ∞, every task collapses onto Θ); use hybrid_guide or "
             "mean_field_guide (--guide hybrid|mean-field), or fix τ"
         )
-    return TaskwiseDelta(model, init_loc_fn=LoRAInit(seed, model.lm.modules_spec), create_plates=model.tasks_plate)
+    return TaskwiseDelta(model, init_loc_fn=LoRAInit(seed, model.lm.modules_spec), create_plates=model.tasks_plate,
+                         task_store=task_store)
 
 
 #: A mean-field σ starts at this fraction of its site's prior sd (``init_scale=None``) …
@@ -116,19 +119,21 @@ def taskwise_normal(model, init_scale: float | None, **kwargs) -> TaskwiseNormal
     return TaskwiseNormal(model, init_scale=init_scale, **kwargs)
 
 
-def mean_field_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoNormal:
+def mean_field_guide(model, init_scale: float | None = None, seed: int = 0,
+                     task_store: TaskStore | None = None) -> AutoNormal:
     """A mean-field Normal over every site, started like LoRA.
 
     Each entry's σ starts at :data:`START_FRACTION` (a tenth) of its prior sd given the prior's
     starting point (τ^{-1/2} for a task entry; a latent τ's log at a tenth of its hyperprior's
     spread), at most :data:`MAX_START_SCALE`; ``init_scale`` (a float) starts every σ there
-    instead. A latent τ starts at its hyperprior's median.
+    instead. A latent τ starts at its hyperprior's median. ``task_store`` as in :func:`map_guide`.
     """
     return taskwise_normal(model, init_scale, init_loc_fn=LoRAInit(seed, model.lm.modules_spec),
-                           create_plates=model.tasks_plate)
+                           create_plates=model.tasks_plate, task_store=task_store)
 
 
-def learned_tau_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoNormal:
+def learned_tau_guide(model, init_scale: float | None = None, seed: int = 0,
+                      task_store: TaskStore | None = None) -> AutoNormal:
     """The default guide for a learned τ, on a prior with ``centered=LEARNED_TAU_CENTERED`` (the
     default of :class:`~bora_pyro.models.HierarchicalNormal` with a hyperprior): of the guides
     measured against NUTS (``benchmarks/vi_vs_nuts.py``) the one whose τ interval is nearest the
@@ -140,7 +145,7 @@ def learned_tau_guide(model, init_scale: float | None = None, seed: int = 0) -> 
     prior, so they say nothing about τ (with offsets every entry adds to q(τ)'s precision, and
     its interval shrinks to √(2/(D·P)) whatever the data say).
     """
-    return mean_field_guide(model, init_scale, seed)
+    return mean_field_guide(model, init_scale, seed, task_store)
 
 
 def is_global(msg: dict) -> bool:
@@ -148,13 +153,14 @@ def is_global(msg: dict) -> bool:
     return msg["type"] == "sample" and msg["name"].startswith("global.")
 
 
-def hybrid_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoGuideList:
+def hybrid_guide(model, init_scale: float | None = None, seed: int = 0,
+                 task_store: TaskStore | None = None) -> AutoGuideList:
     """MAP (``AutoDelta``) for the global factors Θ, mean-field (``AutoNormal``) for every other
     site: the task factors and any hyperparameter such as a latent τ.
 
     The guide to learn τ with when Θ is wanted as a point (the paper's estimate): its ELBO keeps
     the entropy of the task factors, which stops the collapse a MAP over τ would suffer. Started
-    like LoRA; ``init_scale`` as in :func:`mean_field_guide`.
+    like LoRA; ``init_scale`` as in :func:`mean_field_guide`, ``task_store`` as in :func:`map_guide`.
     """
     init = LoRAInit(seed, model.lm.modules_spec)  # one instance: both parts start from the same kaiming draws
     guide = AutoGuideList(model, create_plates=model.tasks_plate)
@@ -162,7 +168,7 @@ def hybrid_guide(model, init_scale: float | None = None, seed: int = 0) -> AutoG
     # the inner InitMessenger starts the hidden Θ too, so that task sites defined relative to Θ
     # (offsets, LocScaleReparam) start at Θ's starting value
     guide.append(taskwise_normal(poutine.block(InitMessenger(init)(model), hide_fn=is_global), init_scale,
-                                 init_loc_fn=init))
+                                 init_loc_fn=init, task_store=task_store))
     return guide
 
 

@@ -40,6 +40,8 @@ from torch import nn
 from torch.distributions import constraints
 
 from bora_pyro.models.normal import DrawnRows
+from bora_pyro.models.priors import is_factor_site
+from bora_pyro.task_store import StoredRows, TaskStore
 
 TASKS = "tasks"
 
@@ -68,12 +70,17 @@ class TaskRows(nn.Module):
         return torch.stack(self.select(tasks), self.dim)
 
 
-def task_rows(site: dict, init: torch.Tensor, event_dim: int) -> TaskRows | None:
+def task_rows(site: dict, init: torch.Tensor, event_dim: int, store: TaskStore | None = None,
+              key: str = "", is_location: bool = True) -> TaskRows | StoredRows | None:
     """Per-task leaves started at ``init`` (the site's unconstrained value, ``event_dim`` event
-    dims) for a site in the tasks plate; None for a site outside it."""
+    dims) for a site in the tasks plate, held by ``store`` under ``key`` when given (``is_location``:
+    its optimizer group, see :meth:`TaskStore.attach`); None for a site outside the plate."""
     for frame in site["cond_indep_stack"]:
         if frame.name == TASKS:
-            return TaskRows(init, frame.dim - event_dim, frame.full_size or frame.size)
+            dim, num_tasks = frame.dim - event_dim, frame.full_size or frame.size
+            if store is None:
+                return TaskRows(init, dim, num_tasks)
+            return store.rows(key, init, dim, num_tasks, is_location)
     return None
 
 
@@ -144,9 +151,25 @@ class TaskwiseMixin:
     guide of the same class in one process takes over the first one's tensors (a τ sweep's
     every fit would start where the previous one stopped, and share its tensors). These guides
     run with ``module_local_params``: every guide owns its parameters, like a torch module.
+
+    Args:
+        task_store: keep the per-task rows in this :class:`~bora_pyro.task_store.TaskStore`
+            (host memory or a memory-mapped file) instead of as leaves on the device: only the
+            batch's tasks come to the device during a step. None: leaves (:class:`TaskRows`).
     """
 
     _running = False
+
+    def __init__(self, model, *, task_store: TaskStore | None = None, **kwargs):
+        super().__init__(model, **kwargs)
+        #: Where the per-task rows live: None keeps them on the device as leaves (:class:`TaskRows`).
+        self.task_store = task_store
+
+    def _task_rows(self, attribute: str, name: str, site: dict, init: torch.Tensor, event_dim: int):
+        """:func:`task_rows` of site ``name`` for the guide's ``attribute`` (``task_locs``, …), in
+        the guide's task store if it has one."""
+        is_location = attribute != "task_log_scales" and is_factor_site(name)
+        return task_rows(site, init, event_dim, self.task_store, f"{attribute}/{rows_key(name)}", is_location)
 
     def task_rows(self, attribute: str) -> nn.ModuleDict:
         """The guide's ``nn.ModuleDict`` ``attribute`` of per-task leaves (``task_locs``, …).
@@ -215,13 +238,14 @@ class TaskwiseNormal(TaskwiseMixin, AutoNormal):
             event_dim = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
             self._event_dims[name] = event_dim
             init_log_scale = self.start_log_scale(site, init_loc)
-            locs = task_rows(site, init_loc, event_dim)
+            locs = self._task_rows("task_locs", name, site, init_loc, event_dim)
             if locs is None:
                 deep_setattr(self.locs, name, PyroParam(init_loc, constraints.real, event_dim))
                 deep_setattr(self.log_scales, name, PyroParam(init_log_scale, constraints.real, event_dim))
             else:
                 self.task_locs[rows_key(name)] = locs
-                self.task_log_scales[rows_key(name)] = task_rows(site, init_log_scale, event_dim)
+                self.task_log_scales[rows_key(name)] = self._task_rows("task_log_scales", name, site, init_log_scale,
+                                                                       event_dim)
 
     def _rows(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor], int | None]:
         """The locs and log-scales of site ``name`` as rows (the batch's tasks during a run, all D
@@ -269,7 +293,7 @@ class TaskwiseDelta(TaskwiseMixin, AutoDelta):
         self.task_values = nn.ModuleDict()
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             value, event_dim = site["value"].detach(), site["fn"].event_dim
-            rows = task_rows(site, biject_to(site["fn"].support).inv(value), event_dim)
+            rows = self._task_rows("task_values", name, site, biject_to(site["fn"].support).inv(value), event_dim)
             if rows is None:
                 with helpful_support_errors(site):
                     deep_setattr(self, name, PyroParam(value, site["fn"].support, event_dim))

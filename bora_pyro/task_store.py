@@ -1,0 +1,200 @@
+"""A task store: per-task guide values and their optimizer state kept off the device.
+
+A step of BoRA touches the B tasks of its batch out of D. The taskwise guides
+(:mod:`bora_pyro.guides.taskwise`) keep one leaf per task and site on the device, with Adam's
+moments beside it: memory grows with D (~57 MB per task for mean-field at GPT-2-small's shape,
+r = 16). Given a :class:`TaskStore`, a guide keeps each task site in :class:`StoredRows` instead:
+
+- ``values`` [D, *row], Adam's ``exp_avg`` and ``exp_avg_sq`` [D, *row] and ``steps`` [D], in host
+  memory (pinned when the device is a GPU) or, with ``folder``, in memory-mapped files there for
+  more tasks than host memory holds (the moments of a task never stepped cost no disk: the files
+  are sparse);
+- while the guide runs with gradients on, a task's row is copied to the device as a leaf the
+  first time the batch asks for it (:meth:`StoredRows.select`);
+- :meth:`TaskStore.attach` hands the batch's leaves and their saved moments to the optimizer
+  before its step; :meth:`TaskStore.detach` writes the updated values and moments back and frees
+  the leaves.
+
+The optimizer updates these leaves with the same kernel and state as the in-memory leaves, so a
+fit with a store ends with the same parameters, bit for bit on the CPU, as one without. Sites
+outside the tasks plate (Θ, τ) stay ordinary parameters on the device.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+#: Adam's (and AdamW's) per-parameter state, stored per task.
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class StoredRows(nn.Module):
+    """One site's unconstrained values for D tasks, held by a :class:`TaskStore` (a drop-in for
+    :class:`~bora_pyro.guides.taskwise.TaskRows`).
+
+    Args:
+        store: the store that holds the arrays.
+        key: the store's name for them (the guide's attribute and the site, e.g. ``task_locs/task/lora``).
+        init: [..., K, ...] values of K tasks along ``dim``; task d starts at row ``d % K``.
+        dim: the tasks dim of the site's value (negative, counted from the right).
+        num_tasks: D.
+        is_location: a factor site's location (optimizer group 0), not a log σ or a hyperparameter.
+    """
+
+    def __init__(self, store: TaskStore, key: str, init: torch.Tensor, dim: int, num_tasks: int, is_location: bool):
+        super().__init__()
+        self.store, self.key, self.dim, self.is_location = store, key, dim, is_location
+        self.device = init.device  # the guide's: where the leaves live
+        rows = init.detach().movedim(dim, 0).to("cpu", torch.float32)  # [K, *row]
+        shape = (num_tasks, *rows.shape[1:])
+        self.values = store.allocate(key, "values", shape, self.device)
+        for start in range(0, num_tasks, rows.shape[0]):  # task d starts at row d % K
+            self.values[start:start + rows.shape[0]] = rows[:num_tasks - start]
+        self.moments = {name: store.allocate(key, name, shape, self.device) for name in MOMENTS}
+        self.steps = store.allocate(key, "steps", (num_tasks,), self.device)
+        self.leaves: dict[int, nn.Parameter] = {}  # the tasks of the running step, on the device
+
+    @property
+    def num_tasks(self) -> int:
+        return self.values.shape[0]
+
+    def select(self, tasks: list[int] | None = None) -> list[torch.Tensor]:
+        """The rows of ``tasks`` (all D when None), in that order, on the guide's device: for given
+        tasks while gradients are on, leaves that the next optimizer step updates; else copies."""
+        if tasks is None or not torch.is_grad_enabled():  # all D: outside a step (median(), diagnostics)
+            return [self.values[d].to(self.device, copy=True) for d in (range(self.num_tasks) if tasks is None else tasks)]
+        for d in tasks:
+            if d not in self.leaves:
+                self.leaves[d] = nn.Parameter(self.values[d].to(self.device, copy=True))
+        return [self.leaves[d] for d in tasks]
+
+    def forward(self, tasks: list[int] | None = None) -> torch.Tensor:
+        """The rows of ``tasks`` (all D when None) stacked along ``dim``: [..., K, ...]."""
+        return torch.stack(self.select(tasks), self.dim)
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, rows={tuple(self.values.shape)}"
+
+
+class TaskStore:
+    """Where :class:`StoredRows` keep their arrays, and their traffic with the optimizer.
+
+    Args:
+        folder: memory-map the arrays into files here (created; one ``.npy`` file per site and
+            array); None: host memory, pinned when the guide is on a GPU.
+
+    Pass it to a guide (``map_guide(model, task_store=TaskStore())``); :func:`bora_pyro.fit`
+    moves the batch's tasks through it at every step.
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self.sites: dict[str, StoredRows] = {}
+        self.changed: set[int] = set()  # tasks stepped since the last snapshot
+        self.snapshot_values: dict[str, torch.Tensor] = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(self, key: str, init: torch.Tensor, dim: int, num_tasks: int, is_location: bool) -> StoredRows:
+        """New :class:`StoredRows` for a site (see there for the arguments)."""
+        if key in self.sites:
+            raise ConfigError(f"the task store already holds {key!r}: give every guide a store of its own")
+        self.sites[key] = StoredRows(self, key, init, dim, num_tasks, is_location)
+        return self.sites[key]
+
+    def allocate(self, key: str, array: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A zero float32 array of ``shape`` on the host, for a guide on ``device``: a sparse
+        memory-mapped file, or host memory (pinned for a GPU: copies to it can overlap compute)."""
+        if self.folder is None:
+            return torch.zeros(shape, pin_memory=device.type == "cuda")
+        path = self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.{array}.npy"
+        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
+
+    def fetch(self, tasks: list[int]) -> None:
+        """Bring the rows of ``tasks`` of every site to the device as leaves, in this order (before
+        a step, the global batch's tasks: every process of a data-parallel fit then holds the same
+        leaves, whichever share of the batch it scores)."""
+        with torch.enable_grad():
+            for rows in self.sites.values():
+                rows.select(tasks)
+
+    def leaves(self) -> list[nn.Parameter]:
+        """The leaves of the running step (every site, every task the guide asked for)."""
+        return [leaf for rows in self.sites.values() for leaf in rows.leaves.values()]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Add the leaves that have a gradient to ``optimizer``, with their saved moments.
+
+        The group is that of :func:`bora_pyro.fit.optimizer_groups`: the only one, or the first
+        (factor locations) / second (log σ, hyperparameters) of two. A task never stepped gets no
+        state: the optimizer starts it as it would an in-memory leaf."""
+        groups = optimizer.param_groups
+        for rows in self.sites.values():
+            group = groups[0 if len(groups) == 1 or rows.is_location else 1]
+            for d, leaf in rows.leaves.items():
+                if leaf.grad is None:
+                    continue
+                group["params"].append(leaf)
+                if rows.steps[d] > 0:
+                    optimizer.state[leaf] = {"step": rows.steps[d].to(leaf.device, copy=True)} | {
+                        name: rows.moments[name][d].to(leaf.device, copy=True) for name in MOMENTS}
+
+    def detach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write the stepped leaves and their moments back, take them out of ``optimizer``, free them."""
+        held = {id(leaf) for leaf in self.leaves()}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in held]
+        with torch.no_grad():
+            for rows in self.sites.values():
+                for d, leaf in rows.leaves.items():
+                    state = optimizer.state.pop(leaf, None)
+                    if state is None:  # no gradient: not attached, not stepped
+                        continue
+                    rows.values[d].copy_(leaf)
+                    rows.steps[d] = state["step"]
+                    for name in MOMENTS:
+                        rows.moments[name][d].copy_(state[name])
+                    self.changed.add(d)
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop the running step's leaves without writing them back (a step that failed)."""
+        for rows in self.sites.values():
+            rows.leaves.clear()
+
+    def snapshot(self) -> None:
+        """Remember the current values (the fit's best so far): copies only the tasks stepped
+        since the last snapshot."""
+        for key, rows in self.sites.items():
+            if key not in self.snapshot_values:
+                self.snapshot_values[key] = self.allocate(key, "snapshot", tuple(rows.values.shape), rows.device)
+                self.snapshot_values[key].copy_(rows.values)
+            else:
+                for d in self.changed:
+                    self.snapshot_values[key][d] = rows.values[d]
+        self.changed.clear()
+
+    def restore_snapshot(self) -> None:
+        """Put back the values of the last :meth:`snapshot` (their moments stay: the fit is over)."""
+        if not self.snapshot_values:
+            return
+        for key, rows in self.sites.items():
+            for d in self.changed:
+                rows.values[d] = self.snapshot_values[key][d]
+        self.changed.clear()
+
+
+def guide_task_store(guide) -> TaskStore | None:
+    """The :class:`TaskStore` of ``guide`` or of its parts (an ``AutoGuideList``), or None."""
+    parts = list(guide) if isinstance(guide, nn.ModuleList) else [guide]
+    stores = list({id(store): store for part in parts if (store := getattr(part, "task_store", None)) is not None}.values())
+    if len(stores) > 1:
+        raise ConfigError("the parts of this guide hold their tasks in different task stores: give them one")
+    return stores[0] if stores else None
