@@ -18,6 +18,7 @@ import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -51,6 +52,8 @@ class FitResult:
     stopped_by: str = "cap"
     history: list[dict] = field(default_factory=list)
     elbos: list[float] = field(default_factory=list)
+    task_store: TaskStore | None = None
+    task_shards: tuple[Path, torch.Tensor, bool] | None = None
     elbo_trend: ElboTrend | None = None
     still_improving: bool = False
     elbo_window: int = 0
@@ -111,7 +114,9 @@ class TrainState:
     ``guide``/``best_guide``/``optimizer`` are state dicts; ``rng`` holds torch's, Python's and
     NumPy's generator states; ``batches`` the :class:`BatchStream` state; ``window`` the running
     sums since the last check (a checkpoint written on SIGINT/SIGTERM falls between checks);
-    ``elbos`` every step's ELBO so far.
+    ``elbos`` every step's ELBO so far. With a task store, ``task_store`` is the fit's store when
+    saving (its changed tasks are written as shards beside the checkpoint), and ``task_shards``
+    (folder, [D] shard steps, whether a best snapshot exists) what a loaded checkpoint names.
     """
 
     step: int
@@ -126,6 +131,8 @@ class TrainState:
     history: list[dict]
     window: dict = field(default_factory=lambda: dict(EMPTY_WINDOW))
     elbos: list[float] = field(default_factory=list)
+    task_store: TaskStore | None = None
+    task_shards: tuple[Path, torch.Tensor, bool] | None = None
 
 
 def window_steps(step: int, eval_every: int) -> int:
@@ -401,9 +408,6 @@ def fit(
     with torch.no_grad(), autocast:
         guide(corpus.train.collate([0], corpus.pad_token_id).to(device))  # creates the guide's parameters
     task_store = guide_task_store(guide)
-    if task_store is not None and (on_checkpoint is not None or resume is not None):
-        raise ConfigError("a fit whose guide has a task store cannot checkpoint or resume yet: "
-                          "fit it without on_checkpoint/resume, or without the task store")
     optim = make_optimizer(optimizer, optimizer_groups(guide, lr, log_scale_lr, weight_decay), lr)
     svi_step = SVIStep(model, guide, optim, autocast, task_store)
 
@@ -411,6 +415,9 @@ def fit(
     best_nll, best_state, checks_without_gain = math.inf, None, 0
     window, checkpoint_step = dict(EMPTY_WINDOW), None
     if resume is not None:
+        if (task_store is None) != (resume.task_shards is None):
+            raise CheckpointError("the checkpoint was written by a fit " + ("without" if task_store else "with")
+                                  + " a task store: resume it with a guide like the one that wrote it")
         guide.load_state_dict(resume.guide)
         chosen_lrs = [group["lr"] for group in optim.param_groups]
         try:
@@ -420,6 +427,8 @@ def fit(
                                   "an older bora-pyro wrote it: fit the run again") from None
         for group, chosen_lr in zip(optim.param_groups, chosen_lrs, strict=True):
             group["lr"] = chosen_lr
+        if task_store is not None:
+            task_store.read_shards(*resume.task_shards)
         set_rng_state(resume.rng)
         batches.restore(resume.batches)
         result.steps, result.best_step, result.history = resume.step, resume.best_step, list(resume.history)
@@ -436,7 +445,7 @@ def fit(
                 step=step, guide=guide.state_dict(), optimizer=optim.state_dict(), rng=get_rng_state(),
                 batches=batches.state(), best_guide=best_state, best_nll=best_nll, best_step=result.best_step,
                 checks_without_gain=checks_without_gain, history=result.history, window=dict(window),
-                elbos=result.elbos,
+                elbos=result.elbos, task_store=task_store,
             ))
         checkpoint_step = step
 

@@ -35,6 +35,8 @@ from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperpri
 
 CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+#: A fit with a task store checkpoints its tasks here, one shard per task (:mod:`bora_pyro.task_store`).
+TASKS_FOLDER = "checkpoint-tasks"
 PRIORS = ("hierarchical", "independent", "joint")
 #: ``--base-dtype`` → the dtype the frozen base is loaded in (auto: as saved, transformers' default)
 BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -405,10 +407,14 @@ def save_checkpoint(run_dir: str | Path, state: TrainState) -> None:
         "window": state.window,
         "elbos": state.elbos,
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     make_dir(Path(run_dir))
+    if state.task_store is not None:  # the changed tasks' shards first: the checkpoint file names them
+        tensors["tasks.shard_steps"] = state.task_store.write_shards(Path(run_dir) / TASKS_FOLDER, state.step)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(Path(run_dir) / CHECKPOINT_FILE,
                  lambda temp: safetensors.torch.save_file(tensors, temp, metadata={"train_state": json.dumps(metadata)}))
+    if state.task_store is not None:
+        state.task_store.commit(Path(run_dir) / TASKS_FOLDER, tensors["tasks.shard_steps"])
 
 
 def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> TrainState:
@@ -451,4 +457,6 @@ def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> 
         checks_without_gain=meta["checks_without_gain"], history=meta["history"],
         **({"window": meta["window"]} if "window" in meta else {}),
         elbos=meta.get("elbos", []),
+        task_shards=((Path(run_dir) / TASKS_FOLDER, tensors["tasks.shard_steps"], meta["has_best"])
+                     if "tasks.shard_steps" in tensors else None),
     )

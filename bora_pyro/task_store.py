@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -99,6 +100,8 @@ class TaskStore:
         self.sites: dict[str, StoredRows] = {}
         self.changed: set[int] = set()  # tasks stepped since the last snapshot
         self.snapshot_values: dict[str, torch.Tensor] = {}
+        self.unsaved: set[int] = set()  # tasks stepped or snapshotted since the last checkpoint
+        self.shard_steps: torch.Tensor | None = None  # [D] the checkpoint step of each task's shard; -1: none
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -162,6 +165,7 @@ class TaskStore:
                     for name in MOMENTS:
                         rows.moments[name][d].copy_(state[name])
                     self.changed.add(d)
+                    self.unsaved.add(d)
         self.discard()
 
     def discard(self) -> None:
@@ -176,9 +180,11 @@ class TaskStore:
             if key not in self.snapshot_values:
                 self.snapshot_values[key] = self.allocate(key, "snapshot", tuple(rows.values.shape), rows.device)
                 self.snapshot_values[key].copy_(rows.values)
+                self.unsaved.update(range(rows.num_tasks))
             else:
                 for d in self.changed:
                     self.snapshot_values[key][d] = rows.values[d]
+        self.unsaved |= self.changed
         self.changed.clear()
 
     def restore_snapshot(self) -> None:
@@ -189,6 +195,76 @@ class TaskStore:
             for d in self.changed:
                 rows.values[d] = self.snapshot_values[key][d]
         self.changed.clear()
+
+    # Checkpoints: one safetensors shard per task, ``<task>.<step>.safetensors``, holding every
+    # site's row, moments, step count and snapshot. A checkpoint writes the shards of the tasks
+    # changed since the last one; the checkpoint file names each task's current shard
+    # (``shard_steps``) and is written after them, so a crash between the two leaves the previous
+    # checkpoint whole (its shards are removed only once the new file is in place).
+
+    def write_shards(self, folder: Path, step: int) -> torch.Tensor:
+        """Write the shards of the tasks changed since the last committed checkpoint; the shard
+        step of every task with them: [D] int64 (-1: never written, still at its start)."""
+        from .run import atomic_write, make_dir
+
+        make_dir(folder)
+        shard_steps = self.current_shard_steps().clone()
+        for d in sorted(self.unsaved):
+            tensors = {}
+            for key, rows in self.sites.items():
+                tensors |= {f"{key}.values": rows.values[d], f"{key}.steps": rows.steps[d:d + 1]}
+                tensors |= {f"{key}.{name}": rows.moments[name][d] for name in MOMENTS}
+                if key in self.snapshot_values:
+                    tensors[f"{key}.snapshot"] = self.snapshot_values[key][d]
+            tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+            atomic_write(folder / shard_name(d, step), lambda temp: safetensors.torch.save_file(tensors, temp))
+            shard_steps[d] = step
+        return shard_steps
+
+    def commit(self, folder: Path, shard_steps: torch.Tensor) -> None:
+        """The checkpoint naming ``shard_steps`` is written: forget the saved changes and remove
+        the shards it no longer names."""
+        self.shard_steps, self.unsaved = shard_steps.clone(), set()
+        current = {shard_name(d, int(step)) for d, step in enumerate(shard_steps.tolist()) if step >= 0}
+        for path in folder.glob("*.safetensors"):
+            if path.name not in current:
+                path.unlink(missing_ok=True)
+
+    def read_shards(self, folder: Path, shard_steps: torch.Tensor, has_snapshot: bool) -> None:
+        """Load the checkpoint naming ``shard_steps`` into a store built like the saved one (a
+        task without a shard stays at its start)."""
+        from .run import read_tensors
+
+        if has_snapshot:
+            for key, rows in self.sites.items():
+                self.snapshot_values[key] = self.allocate(key, "snapshot", tuple(rows.values.shape), rows.device)
+                self.snapshot_values[key].copy_(rows.values)
+        with torch.no_grad():
+            for d, step in enumerate(shard_steps.tolist()):
+                if step < 0:
+                    continue
+                tensors, _ = read_tensors(folder / shard_name(d, step))
+                for key, rows in self.sites.items():
+                    rows.values[d] = tensors[f"{key}.values"]
+                    rows.steps[d] = tensors[f"{key}.steps"][0]
+                    for name in MOMENTS:
+                        rows.moments[name][d] = tensors[f"{key}.{name}"]
+                    if has_snapshot:
+                        self.snapshot_values[key][d] = tensors[f"{key}.snapshot"]
+        self.shard_steps, self.unsaved = shard_steps.clone(), set()
+        self.changed = set(range(self.num_tasks)) if has_snapshot else set()  # restoring an unchanged row copies it onto itself
+
+    def current_shard_steps(self) -> torch.Tensor:
+        """[D] the step of each task's shard in the last committed checkpoint (-1: none)."""
+        return self.shard_steps if self.shard_steps is not None else torch.full((self.num_tasks,), -1)
+
+    @property
+    def num_tasks(self) -> int:
+        return next(iter(self.sites.values())).num_tasks
+
+
+def shard_name(task: int, step: int) -> str:
+    return f"{task}.{step}.safetensors"
 
 
 def guide_task_store(guide) -> TaskStore | None:

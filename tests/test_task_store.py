@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, TaskStore, fit, load_tokenizer
-from bora_pyro.errors import ConfigError
+from bora_pyro.errors import CheckpointError
+from bora_pyro.run import TASKS_FOLDER, load_checkpoint, save_checkpoint
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal
 from conftest import synthetic_records
@@ -83,9 +84,55 @@ def test_the_guide_on_the_device_does_not_grow_with_the_tasks(gpt2_dir, corpus):
     assert sizes[3] == sizes[300] > 0
 
 
-def test_checkpoints_with_a_store_are_refused_for_now(gpt2_dir, corpus):
+class Interrupted(Exception):
+    pass
+
+
+def fit_with_checkpoints(gpt2_dir, corpus, run_dir, make_guide, task_store, interrupt_at=None, resume=None):
+    """``fitted``'s fit with a checkpoint at every check (every 6 steps), saved into ``run_dir``;
+    returns the guide and, per checkpoint, the task shards it wrote."""
     lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
     model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
-    with pytest.raises(ConfigError, match="task store cannot checkpoint"):
-        fit(model, map_guide(model, task_store=TaskStore()), corpus, steps=2, on_checkpoint=lambda state: None,
-            progress=False)
+    guide = make_guide(model, task_store=task_store)
+    written = {}
+
+    def checkpoint(state):
+        save_checkpoint(run_dir, state)
+        written[state.step] = sorted(path.name for path in (run_dir / TASKS_FOLDER).glob(f"*.{state.step}.safetensors"))
+        if state.step == interrupt_at:
+            raise Interrupted
+
+    fit(model, guide, corpus, steps=36, batch_size=3, lr=0.4, eval_every=6, patience=2, progress=False, seed=1,
+        on_checkpoint=checkpoint, resume=resume)
+    return guide, written
+
+
+@pytest.mark.parametrize("make_guide, interrupt_at", [(map_guide, 24), (mean_field_guide, 12)])
+def test_a_resume_from_the_incremental_checkpoint_is_bit_exact(gpt2_dir, corpus, tmp_path, make_guide, interrupt_at):
+    """Each checkpoint writes the shards of only the tasks stepped or snapshotted since the last
+    one, removes the shards it replaced, and a fit resumed from one ends where the uninterrupted
+    fit does. ``interrupt_at``: a check without a new best, whose shards are the stepped tasks'."""
+    uninterrupted, written = fit_with_checkpoints(gpt2_dir, corpus, tmp_path / "a", make_guide, TaskStore())
+    assert all(len(names) <= NUM_TASKS for names in written.values()) and any(written.values())
+    before_first_snapshot = written[6]
+    assert len(before_first_snapshot) == NUM_TASKS  # the first snapshot marks every task
+    names = sorted(path.name for path in (tmp_path / "a" / TASKS_FOLDER).iterdir())
+    assert len(names) == NUM_TASKS  # one current shard per task, the replaced ones removed
+    with pytest.raises(Interrupted):
+        fit_with_checkpoints(gpt2_dir, corpus, tmp_path / "b", make_guide, TaskStore(tmp_path / "store-b"),
+                             interrupt_at=interrupt_at)
+    state = load_checkpoint(tmp_path / "b")
+    assert state.step == interrupt_at and state.best_step < interrupt_at and state.task_shards is not None
+    torch.manual_seed(12345)  # whatever happened since must not matter
+    resumed, _ = fit_with_checkpoints(gpt2_dir, corpus, tmp_path / "b", make_guide, TaskStore(tmp_path / "store-c"),
+                                      resume=state)
+    expected, got = guide_values(uninterrupted), guide_values(resumed)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_a_checkpoint_resumes_only_with_a_guide_like_the_one_that_wrote_it(gpt2_dir, corpus, tmp_path):
+    with pytest.raises(Interrupted):
+        fit_with_checkpoints(gpt2_dir, corpus, tmp_path, map_guide, TaskStore(), interrupt_at=6)
+    with pytest.raises(CheckpointError, match="written by a fit with a task store"):
+        fit_with_checkpoints(gpt2_dir, corpus, tmp_path, map_guide, None, resume=load_checkpoint(tmp_path))
