@@ -25,8 +25,9 @@ from .export import check_request, export_peft, export_peft_all, save_merged
 from .diagnostics import diagnose
 from .fit import fit
 from .run import (
-    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, RunConfig, build_lm, build_model,
-    check_base_model, load_checkpoint, load_corpus, load_run, read_config, save_checkpoint, save_config, save_run,
+    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, TASK_STORES, RunConfig, build_lm,
+    build_model, check_base_model, fit_task_store, load_checkpoint, load_corpus, load_run, read_config, save_checkpoint,
+    save_config, save_run,
 )
 
 #: Flags that ``fit --resume`` accepts; every other setting comes from the run's config.json.
@@ -92,6 +93,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                              "a float32 base's memory); adapters and guide stay float32")
     parser.add_argument("--gradient-checkpointing", action="store_const", const=True,
                         help="recompute each block's activations in the backward pass instead of keeping them")
+    parser.add_argument("--task-store", choices=TASK_STORES,
+                        help="keep every task's rows and optimizer state off the device during the fit, in host "
+                             "memory or memory-mapped in RUN_DIR/task-store/ (many tasks; the same fit, bit for bit)")
     parser.add_argument("--out", help="run directory to write (checkpointed at every validation check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -181,7 +185,7 @@ def run_fit(args: argparse.Namespace) -> dict:
     config.task_names = corpus.task_names
     if main_process:
         save_config(run_dir, config)
-    model, guide = build_model(config, lm)
+    model, guide = build_model(config, lm, fit_task_store(config, run_dir))
     try:
         result = fit(
             model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,

@@ -35,7 +35,7 @@ from .errors import CheckpointError, ConfigError, ConvergenceWarning, FitError, 
 from .evaluate import evaluate
 from .diagnostics import site_log_scales
 from .guides import param_groups
-from .task_store import TaskStore, guide_task_store
+from .task_store import TaskStore, guide_task_store, load_shared_state_dict, shared_state_dict
 
 
 @dataclass
@@ -418,7 +418,7 @@ def fit(
         if (task_store is None) != (resume.task_shards is None):
             raise CheckpointError("the checkpoint was written by a fit " + ("without" if task_store else "with")
                                   + " a task store: resume it with a guide like the one that wrote it")
-        guide.load_state_dict(resume.guide)
+        load_shared_state_dict(guide, resume.guide)
         chosen_lrs = [group["lr"] for group in optim.param_groups]
         try:
             optim.load_state_dict(resume.optimizer)
@@ -442,7 +442,7 @@ def fit(
             return
         if main:  # one process writes; the others know the step that is saved
             on_checkpoint(TrainState(
-                step=step, guide=guide.state_dict(), optimizer=optim.state_dict(), rng=get_rng_state(),
+                step=step, guide=shared_state_dict(guide), optimizer=optim.state_dict(), rng=get_rng_state(),
                 batches=batches.state(), best_guide=best_state, best_nll=best_nll, best_step=result.best_step,
                 checks_without_gain=checks_without_gain, history=result.history, window=dict(window),
                 elbos=result.elbos, task_store=task_store,
@@ -465,7 +465,7 @@ def fit(
             entry["validation_perplexity"] = report["perplexity"]
             if report["nll"] < best_nll:
                 best_nll, checks_without_gain, result.best_step = report["nll"], 0, step
-                best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in shared_state_dict(guide).items()}
                 if task_store is not None:
                     task_store.snapshot()
             else:
@@ -514,7 +514,7 @@ def fit(
         if message is not None and main:
             warnings.warn(message, ConvergenceWarning, stacklevel=2)
     if best_state is not None:
-        guide.load_state_dict(best_state)
+        load_shared_state_dict(guide, best_state)
         if task_store is not None:
             task_store.restore_snapshot()
     else:

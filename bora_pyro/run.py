@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from . import __version__
+from . import __version__, distributed
 from .adapted_lm import MultiTaskLM, check_vocabulary, load_tokenizer, weights_fingerprint
 from .data import Batch, MultiTaskCorpus
 from .errors import CheckpointError, ConfigError, WriteError, first_line
@@ -32,11 +32,15 @@ from .diagnostics import site_log_scales
 from .fit import TrainState, check_fit_settings
 from .guides import hybrid_guide, map_guide, mean_field_guide
 from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperprior
+from .task_store import TaskStore
 
 CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 #: A fit with a task store checkpoints its tasks here, one shard per task (:mod:`bora_pyro.task_store`).
 TASKS_FOLDER = "checkpoint-tasks"
+#: ``--task-store disk`` memory-maps the fit's task rows here (per process: ``rank<r>``).
+TASK_STORE_FOLDER = "task-store"
+TASK_STORES = ("host", "disk")
 PRIORS = ("hierarchical", "independent", "joint")
 #: ``--base-dtype`` → the dtype the frozen base is loaded in (auto: as saved, transformers' default)
 BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,6 +93,7 @@ class RunConfig:
     bf16: bool = False
     base_dtype: str = "auto"  # the frozen base's weights; adapters and guide stay float32
     gradient_checkpointing: bool = False
+    task_store: str | None = None  # where the fit keeps per-task rows: None on the device, "host" or "disk"
     task_names: list[str] = field(default_factory=list)
     base_fingerprint: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -109,6 +114,8 @@ class RunConfig:
         if self.tau_prior is not None and self.chosen_guide == "map":
             raise ConfigError("--guide map cannot learn τ (MAP over τ and the task factors is degenerate: "
                               "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
+        if self.task_store is not None and self.task_store not in TASK_STORES:
+            raise ConfigError(f"unknown task store {self.task_store!r}: choose one of {TASK_STORES}")
         if self.data is not None and not Path(self.data).exists():
             raise ConfigError(f"data file {self.data!r} does not exist; check the --data path")
         check_fit_settings(self.steps, self.epochs, self.batch_size, self.lr, self.log_scale_lr)
@@ -162,12 +169,22 @@ def make_prior(config: RunConfig):
     return Joint(config.global_scale)
 
 
-def make_guide(config: RunConfig, model: BoRA):
+def make_guide(config: RunConfig, model: BoRA, task_store: TaskStore | None = None):
     if config.chosen_guide == "map":
-        return map_guide(model, seed=config.seed)
+        return map_guide(model, seed=config.seed, task_store=task_store)
     if config.chosen_guide == "hybrid":
-        return hybrid_guide(model, init_scale=config.init_scale, seed=config.seed)
-    return mean_field_guide(model, init_scale=config.init_scale, seed=config.seed)
+        return hybrid_guide(model, init_scale=config.init_scale, seed=config.seed, task_store=task_store)
+    return mean_field_guide(model, init_scale=config.init_scale, seed=config.seed, task_store=task_store)
+
+
+def fit_task_store(config: RunConfig, run_dir: str | Path) -> TaskStore | None:
+    """The task store of a fit of ``config`` into ``run_dir`` (``--task-store``), or None. A fitted
+    run keeps no store: its ``guide.safetensors`` holds every task, as without one."""
+    if config.task_store is None:
+        return None
+    if config.task_store == "host":
+        return TaskStore()
+    return TaskStore(Path(run_dir) / TASK_STORE_FOLDER / f"rank{distributed.world()[0]}")
 
 
 def build_lm(config: RunConfig, device: str | None = None, check_length: bool = True) -> tuple[MultiTaskLM, object]:
@@ -316,9 +333,9 @@ class Run:
     start_log_scales: dict[str, torch.Tensor] | None = None
 
 
-def build_model(config: RunConfig, lm: MultiTaskLM) -> tuple[BoRA, object]:
+def build_model(config: RunConfig, lm: MultiTaskLM, task_store: TaskStore | None = None) -> tuple[BoRA, object]:
     model = BoRA(lm, make_prior(config), len(config.task_names))
-    return model, make_guide(config, model)
+    return model, make_guide(config, model, task_store)
 
 
 def init_guide(guide, lm: MultiTaskLM, eos_token_id: int) -> None:

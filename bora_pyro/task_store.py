@@ -22,7 +22,9 @@ outside the tasks plate (Θ, τ) stay ordinary parameters on the device.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,29 @@ class StoredRows(nn.Module):
         """The rows of ``tasks`` (all D when None) stacked along ``dim``: [..., K, ...]."""
         return torch.stack(self.select(tasks), self.dim)
 
+    # In a state dict the rows are named as :class:`TaskRows`'s leaves (``<prefix>rows.<d>``), so
+    # that a guide saved with a store loads into one without (and back), unless the store leaves
+    # them out (:func:`shared_state_dict`: what a fit snapshots and checkpoints itself).
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.store.rows_in_state_dict:
+            destination.update({f"{prefix}rows.{d}": self.values[d] for d in range(self.num_tasks)})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if not self.store.rows_in_state_dict:
+            return
+        with torch.no_grad():
+            for d in range(self.num_tasks):
+                key = f"{prefix}rows.{d}"
+                if key not in state_dict:
+                    missing_keys.append(key)
+                elif state_dict[key].shape != self.values[d].shape:
+                    error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} in the state dict, "
+                                      f"{tuple(self.values[d].shape)} here")
+                else:
+                    self.values[d] = state_dict[key]
+
     def extra_repr(self) -> str:
         return f"key={self.key!r}, rows={tuple(self.values.shape)}"
 
@@ -102,6 +127,7 @@ class TaskStore:
         self.snapshot_values: dict[str, torch.Tensor] = {}
         self.unsaved: set[int] = set()  # tasks stepped or snapshotted since the last checkpoint
         self.shard_steps: torch.Tensor | None = None  # [D] the checkpoint step of each task's shard; -1: none
+        self.rows_in_state_dict = True
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -265,6 +291,32 @@ class TaskStore:
 
 def shard_name(task: int, step: int) -> str:
     return f"{task}.{step}.safetensors"
+
+
+@contextlib.contextmanager
+def rows_left_out(guide) -> Iterator[None]:
+    """Within it, the guide's state dict (saved or loaded) leaves out the rows of its task store."""
+    store = guide_task_store(guide)
+    if store is None:
+        yield
+        return
+    store.rows_in_state_dict = False
+    try:
+        yield
+    finally:
+        store.rows_in_state_dict = True
+
+
+def shared_state_dict(guide) -> dict[str, torch.Tensor]:
+    """``guide.state_dict()`` without its task store's rows (all of it for a guide without one)."""
+    with rows_left_out(guide):
+        return guide.state_dict()
+
+
+def load_shared_state_dict(guide, state: dict[str, torch.Tensor]) -> None:
+    """``guide.load_state_dict(state)`` of a :func:`shared_state_dict`."""
+    with rows_left_out(guide):
+        guide.load_state_dict(state)
 
 
 def guide_task_store(guide) -> TaskStore | None:

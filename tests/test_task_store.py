@@ -1,14 +1,18 @@
 """The task store: per-task guide rows and Adam moments off the device, the same fit bit for bit."""
 
+import json
+
 import pytest
 import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, TaskStore, fit, load_tokenizer
 from bora_pyro.errors import CheckpointError
-from bora_pyro.run import TASKS_FOLDER, load_checkpoint, save_checkpoint
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal
-from conftest import synthetic_records
+from bora_pyro.run import (
+    CONFIG_FILE, GUIDE_FILE, METRICS_FILE, TASK_STORE_FOLDER, TASKS_FOLDER, load_checkpoint, save_checkpoint,
+)
+from conftest import fit_synthetic_run, synthetic_records
 
 NUM_TASKS = 5
 
@@ -65,8 +69,29 @@ def test_a_fit_with_the_store_ends_bit_for_bit_where_one_without_it_does(gpt2_di
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
     assert store.sites and all(rows.steps.max() > 1 for rows in store.sites.values())
+    expected_state, stored_state = reference.state_dict(), stored.state_dict()  # rows named as TaskRows' leaves
+    assert expected_state.keys() == stored_state.keys()
+    assert all(torch.equal(stored_state[key], expected_state[key]) for key in expected_state)
     if on_disk:
         assert sorted(p.suffix for p in (tmp_path / "store").iterdir()) == [".npy"] * len(list((tmp_path / "store").iterdir()))
+
+
+def test_a_state_dict_moves_between_guides_with_and_without_a_store(gpt2_dir, corpus):
+    reference, _ = fitted(gpt2_dir, corpus, mean_field_guide)
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+    stored, plain = mean_field_guide(model, task_store=TaskStore()), mean_field_guide(model)
+    with torch.no_grad():
+        for guide in (stored, plain):
+            guide(corpus.train.collate([0], corpus.pad_token_id))
+    stored.load_state_dict(reference.state_dict())
+    plain.load_state_dict(stored.state_dict())
+    expected = guide_values(reference)
+    for guide in (stored, plain):
+        got = guide_values(guide)
+        assert all(torch.equal(got[name], expected[name]) for name in expected)
+    with pytest.raises(RuntimeError, match="Missing key.*rows.4"):
+        stored.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.endswith("rows.4")})
 
 
 def test_the_guide_on_the_device_does_not_grow_with_the_tasks(gpt2_dir, corpus):
@@ -136,3 +161,19 @@ def test_a_checkpoint_resumes_only_with_a_guide_like_the_one_that_wrote_it(gpt2_
         fit_with_checkpoints(gpt2_dir, corpus, tmp_path, map_guide, TaskStore(), interrupt_at=6)
     with pytest.raises(CheckpointError, match="written by a fit with a task store"):
         fit_with_checkpoints(gpt2_dir, corpus, tmp_path, map_guide, None, resume=load_checkpoint(tmp_path))
+
+
+def test_the_cli_fits_with_a_store_on_disk_as_without_one(gpt2_dir, tmp_path):
+    """``fit --task-store disk``: the same guide.safetensors (every task, no store needed to load
+    it) and test metrics as the fit without a store; its checkpoint's tasks are shards."""
+    from safetensors.torch import load_file
+
+    flags = ("--guide", "mean-field", "--eval-every", "4")
+    plain = fit_synthetic_run(tmp_path / "plain", gpt2_dir, *flags)
+    stored = fit_synthetic_run(tmp_path / "stored", gpt2_dir, *flags, "--task-store", "disk")
+    expected, got = load_file(plain / GUIDE_FILE), load_file(stored / GUIDE_FILE)
+    assert expected.keys() == got.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
+    assert (json.loads((stored / METRICS_FILE).read_text())["test"]
+            == json.loads((plain / METRICS_FILE).read_text())["test"])
+    assert json.loads((stored / CONFIG_FILE).read_text())["task_store"] == "disk"
+    assert list((stored / TASK_STORE_FOLDER / "rank0").glob("*.npy")) and list((stored / TASKS_FOLDER).iterdir())
