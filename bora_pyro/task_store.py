@@ -5,10 +5,10 @@ A step of BoRA touches the B tasks of its batch out of D. The taskwise guides
 moments beside it: memory grows with D (~57 MB per task for mean-field at GPT-2-small's shape,
 r = 16). Given a :class:`TaskStore`, a guide keeps each task site in :class:`StoredRows` instead:
 
-- ``values`` [D, *row], Adam's ``exp_avg`` and ``exp_avg_sq`` [D, *row] and ``steps`` [D], in host
-  memory (pinned when the device is a GPU) or, with ``folder``, in memory-mapped files there for
-  more tasks than host memory holds (the moments of a task never stepped cost no disk: the files
-  are sparse);
+- ``values`` [D, *row] and Adam's ``exp_avg`` and ``exp_avg_sq`` [D, *row] in host memory (pinned
+  when the device is a GPU) or, with ``folder``, in files there for more tasks than host memory
+  holds (:mod:`bora_pyro.row_arrays`: read and written a row at a time, sparse until written),
+  and each task's Adam step count ``steps`` [D] in host memory;
 - while the guide runs with gradients on, a task's row is copied to the device as a leaf the
   first time the batch asks for it (:meth:`StoredRows.select`);
 - :meth:`TaskStore.attach` hands the batch's leaves and their saved moments to the optimizer
@@ -27,12 +27,12 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .row_arrays import FileRows, HostRows
 
 #: Adam's (and AdamW's) per-parameter state, stored per task.
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -58,10 +58,10 @@ class StoredRows(nn.Module):
         rows = init.detach().movedim(dim, 0).to("cpu", torch.float32)  # [K, *row]
         shape = (num_tasks, *rows.shape[1:])
         self.values = store.allocate(key, "values", shape, self.device)
-        for start in range(0, num_tasks, rows.shape[0]):  # task d starts at row d % K
-            self.values[start:start + rows.shape[0]] = rows[:num_tasks - start]
+        for d in range(num_tasks):  # task d starts at row d % K
+            self.values[d] = rows[d % rows.shape[0]]
         self.moments = {name: store.allocate(key, name, shape, self.device) for name in MOMENTS}
-        self.steps = store.allocate(key, "steps", (num_tasks,), self.device)
+        self.steps = torch.zeros(num_tasks)
         self.leaves: dict[int, nn.Parameter] = {}  # the tasks of the running step, on the device
 
     @property
@@ -72,10 +72,11 @@ class StoredRows(nn.Module):
         """The rows of ``tasks`` (all D when None), in that order, on the guide's device: for given
         tasks while gradients are on, leaves that the next optimizer step updates; else copies."""
         if tasks is None or not torch.is_grad_enabled():  # all D: outside a step (median(), diagnostics)
-            return [self.values[d].to(self.device, copy=True) for d in (range(self.num_tasks) if tasks is None else tasks)]
+            return [self.values.get(d, self.device) for d in (range(self.num_tasks) if tasks is None else tasks)]
         for d in tasks:
             if d not in self.leaves:
-                self.leaves[d] = nn.Parameter(self.values[d].to(self.device, copy=True))
+                self.leaves[d] = nn.Parameter(self.values.get(d, self.device))
+                self.store.bytes_moved += self.leaves[d].nbytes
         return [self.leaves[d] for d in tasks]
 
     def forward(self, tasks: list[int] | None = None) -> torch.Tensor:
@@ -99,9 +100,9 @@ class StoredRows(nn.Module):
                 key = f"{prefix}rows.{d}"
                 if key not in state_dict:
                     missing_keys.append(key)
-                elif state_dict[key].shape != self.values[d].shape:
+                elif tuple(state_dict[key].shape) != self.values.shape[1:]:
                     error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} in the state dict, "
-                                      f"{tuple(self.values[d].shape)} here")
+                                      f"{self.values.shape[1:]} here")
                 else:
                     self.values[d] = state_dict[key]
 
@@ -113,8 +114,9 @@ class TaskStore:
     """Where :class:`StoredRows` keep their arrays, and their traffic with the optimizer.
 
     Args:
-        folder: memory-map the arrays into files here (created; one ``.npy`` file per site and
-            array); None: host memory, pinned when the guide is on a GPU.
+        folder: keep the arrays in files here (created; one ``<key>.<array>.f32`` per site and
+            array, working files that a fit's checkpoints do not need); None: host memory, pinned
+            when the guide is on a GPU.
 
     Pass it to a guide (``map_guide(model, task_store=TaskStore())``); :func:`bora_pyro.fit`
     moves the batch's tasks through it at every step.
@@ -128,6 +130,7 @@ class TaskStore:
         self.unsaved: set[int] = set()  # tasks stepped or snapshotted since the last checkpoint
         self.shard_steps: torch.Tensor | None = None  # [D] the checkpoint step of each task's shard; -1: none
         self.rows_in_state_dict = True
+        self.bytes_moved = 0  # between the store and the device by steps: rows and moments, both ways
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -138,13 +141,12 @@ class TaskStore:
         self.sites[key] = StoredRows(self, key, init, dim, num_tasks, is_location)
         return self.sites[key]
 
-    def allocate(self, key: str, array: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """A zero float32 array of ``shape`` on the host, for a guide on ``device``: a sparse
-        memory-mapped file, or host memory (pinned for a GPU: copies to it can overlap compute)."""
+    def allocate(self, key: str, array: str, shape: tuple[int, ...], device: torch.device) -> HostRows | FileRows:
+        """Zero float32 rows of ``shape`` off the device, for a guide on ``device``: a sparse file
+        in ``folder``, or host memory (pinned for a GPU: copies to it can overlap compute)."""
         if self.folder is None:
-            return torch.zeros(shape, pin_memory=device.type == "cuda")
-        path = self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.{array}.npy"
-        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
+            return HostRows(shape, pin=device.type == "cuda")
+        return FileRows(self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.{array}.f32", shape)
 
     def fetch(self, tasks: list[int]) -> None:
         """Bring the rows of ``tasks`` of every site to the device as leaves, in this order (before
@@ -173,7 +175,8 @@ class TaskStore:
                 group["params"].append(leaf)
                 if rows.steps[d] > 0:
                     optimizer.state[leaf] = {"step": rows.steps[d].to(leaf.device, copy=True)} | {
-                        name: rows.moments[name][d].to(leaf.device, copy=True) for name in MOMENTS}
+                        name: rows.moments[name].get(d, leaf.device) for name in MOMENTS}
+                    self.bytes_moved += len(MOMENTS) * leaf.nbytes
 
     def detach(self, optimizer: torch.optim.Optimizer) -> None:
         """Write the stepped leaves and their moments back, take them out of ``optimizer``, free them."""
@@ -186,10 +189,11 @@ class TaskStore:
                     state = optimizer.state.pop(leaf, None)
                     if state is None:  # no gradient: not attached, not stepped
                         continue
-                    rows.values[d].copy_(leaf)
+                    rows.values[d] = leaf
                     rows.steps[d] = state["step"]
                     for name in MOMENTS:
-                        rows.moments[name][d].copy_(state[name])
+                        rows.moments[name][d] = state[name]
+                    self.bytes_moved += (1 + len(MOMENTS)) * leaf.nbytes
                     self.changed.add(d)
                     self.unsaved.add(d)
         self.discard()
@@ -204,14 +208,20 @@ class TaskStore:
         since the last snapshot."""
         for key, rows in self.sites.items():
             if key not in self.snapshot_values:
-                self.snapshot_values[key] = self.allocate(key, "snapshot", tuple(rows.values.shape), rows.device)
-                self.snapshot_values[key].copy_(rows.values)
+                self.snapshot_values[key] = self.copy_of(key, rows)
                 self.unsaved.update(range(rows.num_tasks))
             else:
                 for d in self.changed:
                     self.snapshot_values[key][d] = rows.values[d]
         self.unsaved |= self.changed
         self.changed.clear()
+
+    def copy_of(self, key: str, rows: StoredRows) -> HostRows | FileRows:
+        """A new array ``snapshot`` of site ``key`` holding its values now."""
+        copy = self.allocate(key, "snapshot", rows.values.shape, rows.device)
+        for d in range(rows.num_tasks):
+            copy[d] = rows.values[d]
+        return copy
 
     def restore_snapshot(self) -> None:
         """Put back the values of the last :meth:`snapshot` (their moments stay: the fit is over)."""
@@ -263,8 +273,7 @@ class TaskStore:
 
         if has_snapshot:
             for key, rows in self.sites.items():
-                self.snapshot_values[key] = self.allocate(key, "snapshot", tuple(rows.values.shape), rows.device)
-                self.snapshot_values[key].copy_(rows.values)
+                self.snapshot_values[key] = self.copy_of(key, rows)
         with torch.no_grad():
             for d, step in enumerate(shard_steps.tolist()):
                 if step < 0:

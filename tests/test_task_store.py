@@ -1,6 +1,7 @@
 """The task store: per-task guide rows and Adam moments off the device, the same fit bit for bit."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -73,7 +74,8 @@ def test_a_fit_with_the_store_ends_bit_for_bit_where_one_without_it_does(gpt2_di
     assert expected_state.keys() == stored_state.keys()
     assert all(torch.equal(stored_state[key], expected_state[key]) for key in expected_state)
     if on_disk:
-        assert sorted(p.suffix for p in (tmp_path / "store").iterdir()) == [".npy"] * len(list((tmp_path / "store").iterdir()))
+        files = list((tmp_path / "store").iterdir())
+        assert files and all(path.suffix == ".f32" for path in files)
 
 
 def test_a_state_dict_moves_between_guides_with_and_without_a_store(gpt2_dir, corpus):
@@ -176,4 +178,43 @@ def test_the_cli_fits_with_a_store_on_disk_as_without_one(gpt2_dir, tmp_path):
     assert (json.loads((stored / METRICS_FILE).read_text())["test"]
             == json.loads((plain / METRICS_FILE).read_text())["test"])
     assert json.loads((stored / CONFIG_FILE).read_text())["task_store"] == "disk"
-    assert list((stored / TASK_STORE_FOLDER / "rank0").glob("*.npy")) and list((stored / TASKS_FOLDER).iterdir())
+    assert list((stored / TASK_STORE_FOLDER / "rank0").glob("*.f32")) and list((stored / TASKS_FOLDER).iterdir())
+
+
+def test_a_step_moves_the_batch_tasks_rows_and_moments_only(gpt2_dir, corpus):
+    """``bytes_moved`` per step: the batch's rows to the device, their moments once they have
+    some, and rows and moments back; nothing of the other tasks."""
+    from bora_pyro.fit import SVIStep, make_optimizer, optimizer_groups
+
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+    store = TaskStore()
+    guide = map_guide(model, task_store=store)
+    with torch.no_grad():
+        guide(corpus.train.collate([0], corpus.pad_token_id))
+    step = SVIStep(model, guide, make_optimizer("adam", optimizer_groups(guide, 0.01, None, 0.0), 0.01), task_store=store)
+    task_ids = corpus.train.task_ids
+    batch = corpus.train.collate([task_ids.index(1), task_ids.index(3)], corpus.pad_token_id)
+    row_bytes = sum(4 * torch.Size(rows.values.shape[1:]).numel() for rows in store.sites.values())
+    moved = []
+    for _ in range(2):
+        store.fetch([1, 3])
+        step(batch)
+        moved.append(store.bytes_moved - sum(moved))
+    assert moved == [2 * row_bytes * (1 + 3), 2 * row_bytes * (1 + 2 + 3)]  # fetch (+ moments) + write back
+    assert [int(store.sites[key].steps.count_nonzero()) for key in store.sites] == [2] * len(store.sites)
+
+
+def test_file_rows_read_back_what_was_written_and_start_sparse(tmp_path):
+    from bora_pyro.row_arrays import FileRows
+
+    rows = FileRows(tmp_path / "rows.f32", (1000, 64, 3))
+    assert (tmp_path / "rows.f32").stat().st_size == 1000 * 64 * 3 * 4
+    assert os.stat(tmp_path / "rows.f32").st_blocks * 512 < 64 * 3 * 4 * 10  # zeros not written cost no disk
+    value = torch.randn(64, 3)
+    rows[999] = value
+    assert torch.equal(rows[999], value) and torch.equal(rows[998], torch.zeros(64, 3))
+    with pytest.raises(IndexError):
+        rows[1000]
+    with pytest.raises(ValueError, match="not"):
+        rows[0] = torch.zeros(3, 64)
