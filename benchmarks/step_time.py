@@ -34,6 +34,13 @@ of the peft steps beside it. The peft row's ``median_ms`` is the median over tho
 Peak RSS is the variant's own: read in its process after the covering steps and 2 more, before
 the peft model it is timed beside is built (peft's own in a process of its own).
 
+Task-store variants (``map-store``, ``mean-field-store``, :class:`bora_pyro.TaskStore` in files on
+disk, ``--store-tasks`` D = 1, 100, 1000, 10000): every task is first given Adam moments on disk
+and a step count (the steady state, without ⌈D / 8⌉ covering steps); each is timed beside peft
+and beside the in-memory step at D = 1 of the same rank (``ratio_to_in_memory_D1``), with its
+peak RSS before those two are built, all tasks' state (``state_mb``: rows and two moments) and the
+bytes moved per step. The rank is the shape's, halved until the state fits ``--store-disk-gb``.
+
 Also printed: the floats per adapter parameter of mean-field at the largest D (peak RSS over
 peft's, per adapter parameter of all tasks), and the predictive throughput: S posterior draws of
 every task's factors scored on a test set against S plain forward passes with fixed factors.
@@ -46,9 +53,11 @@ import contextlib
 import json
 import math
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -62,6 +71,9 @@ SHAPES = {  # architecture, layers, width, heads, vocab, rank, adapted modules, 
                     vocab_size=49152, rank=8, targets=LLAMA_TARGETS, length=128, steps=4),
 }
 BATCH, WARMUP, TAU, DOCS_PER_TASK = 8, 2, 100.0, 100
+STORE_TASKS, STORE_DISK_GB = [1, 100, 1000, 10000], 60.0
+#: What a task-store row of ``--json`` has beyond the others' keys.
+STORE_KEYS = ("rank", "ratio_to_in_memory_D1", "state_mb", "bytes_moved_per_step")
 
 
 def peak_rss_mb() -> float:
@@ -162,7 +174,8 @@ def paper_loop_step(shape: dict, num_tasks: int):
     return step
 
 
-def bora_step(shape: dict, num_tasks: int, guide_kind: str):
+def bora_step(shape: dict, num_tasks: int, guide_kind: str, task_store=None):
+    """bora-pyro's step; with ``task_store``, as ``fit`` takes it: the batch's tasks fetched first."""
     import torch
 
     from bora_pyro import MultiTaskLM
@@ -172,11 +185,18 @@ def bora_step(shape: dict, num_tasks: int, guide_kind: str):
 
     lm = MultiTaskLM(base_model(shape), rank=shape["rank"], alpha=2 * shape["rank"], target_modules=shape["targets"])
     model = BoRA(lm, HierarchicalNormal(TAU), num_tasks)
-    guide = (map_guide if guide_kind == "map" else mean_field_guide)(model)
+    guide = (map_guide if guide_kind == "map" else mean_field_guide)(model, task_store=task_store)
     with torch.no_grad():
         guide(random_batch(shape, num_tasks, torch.Generator().manual_seed(1), torch.zeros(BATCH, dtype=torch.long)))
-    svi_step = SVIStep(model, guide, make_optimizer("adam", [{"params": list(guide.parameters())}], 1e-4))
-    return svi_step
+    svi_step = SVIStep(model, guide, make_optimizer("adam", [{"params": list(guide.parameters())}], 1e-4),
+                       task_store=task_store)
+    if task_store is None:
+        return svi_step
+
+    def step(batch):
+        task_store.fetch(batch.task_ids.unique().tolist())
+        svi_step(batch)
+    return step
 
 
 MAKE_STEP = {"peft": peft_step, "paper-loop": paper_loop_step,
@@ -190,7 +210,7 @@ def allocator(variant: str):
 
     from bora_pyro.allocator import reuse_large_blocks
 
-    return reuse_large_blocks(torch.device("cpu")) if variant in ("map", "mean-field") else contextlib.nullcontext()
+    return reuse_large_blocks(torch.device("cpu")) if variant.startswith(("map", "mean-field")) else contextlib.nullcontext()
 
 
 def steady_step(variant: str, num_tasks: int, shape: dict):
@@ -217,22 +237,93 @@ def measure_time(variant: str, num_tasks: int, shape: dict) -> dict:
     """Peak RSS of ``variant`` alone in its steady state, then the median step times of
     ``variant`` and of peft, their steps interleaved in one process (the machine's drift then
     hits both alike), on the same random batches."""
+    step, memory = steady_step(variant, num_tasks, shape)
+    times = interleaved_times({"peft": peft_step(shape, 1), variant: step}, num_tasks, shape)
+    return memory | {"median_ms": times[variant], "peft_ms": times["peft"]}
+
+
+def interleaved_times(steps: dict, num_tasks: int, shape: dict, one_task: tuple[str, ...] = ()) -> dict[str, float]:
+    """The median step time (ms) of each of ``steps``, their steps interleaved (their order turned
+    round by round) on the same random batches of D tasks; the steps named in ``one_task`` take
+    them as batches of one task (a model of D = 1)."""
     import torch
 
-    step, memory = steady_step(variant, num_tasks, shape)
-    steps = {"peft": peft_step(shape, 1), variant: step}
     generator = torch.Generator().manual_seed(3)
-    times: dict[str, list[float]] = {"peft": [], variant: []}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for round in range(WARMUP + shape["steps"]):
         batch = random_batch(shape, num_tasks, generator)
-        for name in (("peft", variant) if round % 2 else (variant, "peft")):
+        for name in (list(steps) if round % 2 else list(steps)[::-1]):
+            rows = one_task_batch(batch) if name in one_task else batch
             with allocator(name):
                 started = time.perf_counter()
-                steps[name](batch)
+                steps[name](rows)
                 elapsed = 1000 * (time.perf_counter() - started)
             if round >= WARMUP:
                 times[name].append(elapsed)
-    return memory | {"median_ms": statistics.median(times[variant]), "peft_ms": statistics.median(times["peft"])}
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def one_task_batch(batch):
+    """``batch``'s rows as documents of task 0 of a model of one task."""
+    import torch
+
+    from bora_pyro.data import Batch
+
+    zeros = torch.zeros_like(batch.task_ids)
+    return Batch(batch.input_ids, batch.attention_mask, zeros, torch.arange(len(zeros)), DOCS_PER_TASK,
+                 torch.full_like(zeros, DOCS_PER_TASK))
+
+
+def store_rank(shape: dict, num_tasks: int, guide_kind: str, disk_gb: float, rank_one_params: int) -> int:
+    """The shape's rank, halved until the state of all D tasks fits ``disk_gb``: each task's rows
+    and Adam's two moments, 3 floats per adapter parameter for MAP, 6 for mean-field (loc, log σ)."""
+    rank, floats = shape["rank"], 3 if guide_kind == "map" else 6
+    while rank > 1 and num_tasks * floats * 4 * rank_one_params * rank > disk_gb * 2**30:
+        rank //= 2
+    return rank
+
+
+def prefill(store) -> None:
+    """Give every task of ``store`` Adam moments (written to disk) and a step count: the steady
+    state of a fit that has seen every task, without the ⌈D / 8⌉ covering steps (1,250 at D = 10,000)."""
+    import torch
+
+    from bora_pyro.task_store import MOMENTS
+
+    for rows in store.sites.values():
+        filler = torch.full(rows.values.shape[1:], 1e-6)
+        for d in range(rows.num_tasks):
+            for name in MOMENTS:
+                rows.moments[name][d] = filler
+        rows.steps.fill_(1.0)
+
+
+def measure_store(guide_kind: str, num_tasks: int, rank: int, shape: dict, folder: str) -> dict:
+    """A step with the task store on disk in ``folder`` (every task with its moments), timed
+    beside peft and beside the in-memory step at D = 1, all three at ``rank``; the store step's
+    peak RSS (before the other two are built) and bytes moved per step."""
+    import torch
+
+    from bora_pyro import TaskStore
+
+    shape = shape | {"rank": rank}
+    store = TaskStore(folder)
+    step = bora_step(shape, num_tasks, guide_kind, store)
+    prefill(store)
+    generator = torch.Generator().manual_seed(3)
+    with allocator(guide_kind):
+        for _ in range(WARMUP):
+            step(random_batch(shape, num_tasks, generator))
+    memory = {"peak_rss_mb": peak_rss_mb()}
+    variant = f"{guide_kind}-store"
+    moved = store.bytes_moved
+    in_memory = f"{guide_kind}-D1"
+    times = interleaved_times({"peft": peft_step(shape, 1), variant: step, in_memory: bora_step(shape, 1, guide_kind)},
+                              num_tasks, shape, one_task=(in_memory,))
+    steps = WARMUP + shape["steps"]
+    state = sum(rows.num_tasks * (1 + 2) * 4 * math.prod(rows.values.shape[1:]) for rows in store.sites.values())
+    return memory | {"median_ms": times[variant], "peft_ms": times["peft"], "in_memory_D1_ms": times[in_memory],
+                     "rank": rank, "state_mb": state / 2**20, "bytes_moved_per_step": (store.bytes_moved - moved) / steps}
 
 
 def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
@@ -280,6 +371,32 @@ def d_ratio(rows: list[dict], variant: str) -> float:
     return by_d[max(by_d)]["ratio_to_peft"] / by_d[min(by_d)]["ratio_to_peft"]
 
 
+def store_rows(args, shape: dict) -> list[dict]:
+    """The task-store variants at ``--store-tasks``, each in a process of its own with its store in
+    a folder removed after it."""
+    from bora_pyro import MultiTaskLM
+
+    rank_one = MultiTaskLM(base_model(shape), rank=1, target_modules=shape["targets"]).num_adapter_params
+    rows = []
+    for guide_kind in ("map", "mean-field"):
+        for num_tasks in args.store_tasks:
+            rank = store_rank(shape, num_tasks, guide_kind, args.store_disk_gb, rank_one)
+            folder = tempfile.mkdtemp(prefix="bora-store-", dir=args.store_dir)
+            try:
+                row = {"variant": f"{guide_kind}-store", "D": num_tasks}
+                row |= child(args, "store", guide_kind, str(num_tasks), str(rank), folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            row["ratio_to_peft"] = row["median_ms"] / row.pop("peft_ms")
+            row["ratio_to_in_memory_D1"] = row["median_ms"] / row.pop("in_memory_D1_ms")
+            print(f"{row['variant']:<17} D={num_tasks:<6} r={rank:<3} {row['median_ms']:>7.0f} ms "
+                  f"{row['ratio_to_peft']:.2f}× peft {row['ratio_to_in_memory_D1']:.2f}× in-memory D=1, "
+                  f"peak RSS {row['peak_rss_mb']:.0f} MB, state {row['state_mb']:.0f} MB, "
+                  f"{row['bytes_moved_per_step'] / 2**20:.1f} MB moved per step", flush=True)
+            rows.append(row)
+    return rows
+
+
 def summary_path(json_path: str) -> str:
     """Where ``--json FILE`` puts the figures beside the step table: ``FILE``'s stem + ``.summary.json``."""
     return json_path.removesuffix(".json") + ".summary.json"
@@ -291,6 +408,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="--shape quick: 2 layers × 128, ≈ 1 min")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 25, 100], help="the values of D")
     parser.add_argument("--samples", type=int, default=4, help="S of the predictive throughput check")
+    parser.add_argument("--store-tasks", type=int, nargs="*", default=STORE_TASKS,
+                        help="the values of D of the task-store variants (none: skip them)")
+    parser.add_argument("--store-dir", help="where the task stores' files go (default: a temp folder; removed after)")
+    parser.add_argument("--store-disk-gb", type=float, default=STORE_DISK_GB,
+                        help="the most disk one store may fill: the rank is halved until its state fits")
     parser.add_argument("--json", metavar="FILE", help="write the step table as JSON to FILE")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -301,7 +423,8 @@ def main() -> None:
         kind, *values = args.child
         measure = {"predictive": lambda: measure_predictive(shape, int(values[0]), args.samples),
                    "memory": lambda: measure_memory(values[0], int(values[1]), shape),
-                   "time": lambda: measure_time(values[0], int(values[1]), shape)}[kind]
+                   "time": lambda: measure_time(values[0], int(values[1]), shape),
+                   "store": lambda: measure_store(values[0], int(values[1]), int(values[2]), shape, values[3])}[kind]
         print(json.dumps(measure()))
         return
 
@@ -313,6 +436,7 @@ def main() -> None:
                                                                       for row in rows), "ratio_to_peft": 1.0}
     peft.update(child(args, "memory", "peft", "1"))
     rows.insert(0, peft)
+    rows += store_rows(args, shape)
     print(f"{'variant':<11} {'D':>4} {'step ms':>9} {'× peft':>7} {'peak RSS MB':>12}")
     for row in rows:
         print(f"{row['variant']:<11} {row['D']:>4} {row['median_ms']:>9.0f} {row['ratio_to_peft']:>7.2f} "
@@ -340,7 +464,7 @@ def main() -> None:
                     "machine": machine_description("cpu")}
         with open(args.json, "w") as file:  # the rows' keys as they have always been, plus their settings
             json.dump([{key: row[key] for key in ("variant", "D", "median_ms", "ratio_to_peft", "peak_rss_mb")}
-                       | settings for row in rows], file, indent=1)
+                       | settings | {key: row[key] for key in STORE_KEYS if key in row} for row in rows], file, indent=1)
         summary = {"d_ratio": {variant: d_ratio(rows, variant) for variant in ("map", "mean-field")},
                    "floats_per_adapter_parameter": floats, "adapter_params_per_task": adapter_params,
                    "predictive": predictive | {"throughput": predictive["plain_s"] / predictive["draws_s"]},
