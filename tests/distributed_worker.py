@@ -3,6 +3,8 @@
     torchrun --nproc-per-node 2 tests/distributed_worker.py api MODEL_DIR OUT
         fits every guide of GUIDES on the corpus of ``parity_corpus`` and saves the guide's
         parameters and the history as ``OUT/<guide>-rank<r>.pt``.
+    torchrun --nproc-per-node 2 tests/distributed_worker.py store MODEL_DIR OUT
+        the same with every guide's tasks in a host-memory task store.
     torchrun --nproc-per-node 2 tests/distributed_worker.py flat MODEL_DIR OUT
         fits MAP under each flat prior of FLAT_PRIORS on global batches of one document (process 1
         never has a row) and saves ``OUT/<prior>-rank<r>.pt`` likewise.
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bora_pyro import MultiTaskCorpus, MultiTaskLM, fit, load_tokenizer
+from bora_pyro import MultiTaskCorpus, MultiTaskLM, TaskStore, fit, load_tokenizer
 from bora_pyro.guides import map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal, Independent, Joint
 
@@ -38,13 +40,14 @@ def parity_corpus(model_dir: str) -> MultiTaskCorpus:
     return MultiTaskCorpus(records, load_tokenizer(model_dir), test_size=0.0, validation_size=0.4)
 
 
-def fit_guide(model_dir: str, guide_name: str, prior=None, batch_size: int = BATCH_SIZE) -> tuple[dict, list]:
+def fit_guide(model_dir: str, guide_name: str, prior=None, batch_size: int = BATCH_SIZE,
+              task_store: bool = False) -> tuple[dict, list]:
     """The guide's parameters and the fit's history after ``STEPS`` steps (validation every 3);
-    the prior ``HierarchicalNormal(10.0)`` unless given."""
+    the prior ``HierarchicalNormal(10.0)`` unless given; ``task_store``: the tasks in a TaskStore."""
     corpus = parity_corpus(model_dir)
     lm = MultiTaskLM.from_pretrained(model_dir, rank=2, alpha=4)
     model = BoRA(lm, prior or HierarchicalNormal(10.0), corpus.num_tasks)
-    guide = GUIDES[guide_name](model)
+    guide = GUIDES[guide_name](model, task_store=TaskStore() if task_store else None)
     result = fit(model, guide, corpus, steps=STEPS, batch_size=batch_size, lr=0.05, eval_every=3, progress=False)
     return {k: v.detach().clone() for k, v in guide.state_dict().items()}, result.history
 
@@ -81,15 +84,15 @@ def stop_at_first_check() -> None:
 def main(argv: list[str]) -> int:
     rank = int(os.environ["RANK"])
     mode, *rest = argv
-    if mode in ("api", "flat"):
+    if mode in ("api", "store", "flat"):
         from bora_pyro import distributed
 
         model_dir, out = rest
         distributed.init_from_env("cpu")
-        fits = {name: (name, None, BATCH_SIZE) for name in GUIDES} if mode == "api" else \
+        fits = {name: (name, None, BATCH_SIZE) for name in GUIDES} if mode != "flat" else \
             {name: ("map", prior, 1) for name, prior in FLAT_PRIORS.items()}
         for name, settings in fits.items():
-            state, history = fit_guide(model_dir, *settings)
+            state, history = fit_guide(model_dir, *settings, task_store=mode == "store")
             torch.save({"state": state, "history": history}, Path(out) / f"{name}-rank{rank}.pt")
         distributed.shutdown()
         return 0
