@@ -90,11 +90,13 @@ def base_model(shape: dict):
                              num_attention_heads=shape["n_head"], num_key_value_heads=shape["n_kv_head"],
                              intermediate_size=shape["intermediate"], vocab_size=shape["vocab_size"],
                              max_position_embeddings=shape["length"], tie_word_embeddings=True)
-        return LlamaForCausalLM(config).eval().requires_grad_(False)
-    config = GPT2Config(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
-                        vocab_size=shape["vocab_size"], n_positions=shape["length"], resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval().requires_grad_(False)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_head"],
+                            vocab_size=shape["vocab_size"], n_positions=shape["length"], resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(config)
+    return model.to(shape["device"], getattr(torch, shape["base_dtype"])).eval().requires_grad_(False)
 
 
 def random_batch(shape: dict, num_tasks: int, generator, task_ids=None):
@@ -108,7 +110,7 @@ def random_batch(shape: dict, num_tasks: int, generator, task_ids=None):
         task_ids = torch.randint(0, num_tasks, (BATCH,), generator=generator)
     doc_ids = task_ids * DOCS_PER_TASK + torch.arange(BATCH)  # distinct documents of those tasks
     return Batch(ids, torch.ones_like(ids), task_ids, doc_ids, DOCS_PER_TASK * num_tasks,
-                 torch.full((BATCH,), DOCS_PER_TASK))
+                 torch.full((BATCH,), DOCS_PER_TASK)).to(shape["device"])
 
 
 def covering_batches(variant: str, shape: dict, num_tasks: int):
@@ -213,6 +215,24 @@ def allocator(variant: str):
     return reuse_large_blocks(torch.device("cpu")) if variant.startswith(("map", "mean-field")) else contextlib.nullcontext()
 
 
+def peak_memory(shape: dict) -> dict:
+    """The process's peak RSS, and on a GPU the peak of torch's allocations there."""
+    import torch
+
+    memory = {"peak_rss_mb": peak_rss_mb()}
+    if shape["device"].startswith("cuda"):
+        memory["peak_gpu_mb"] = torch.cuda.max_memory_allocated(shape["device"]) / 2**20
+    return memory
+
+
+def synchronize(shape: dict) -> None:
+    """Wait for the GPU's queued work (a step's time is its work's, not its launch's)."""
+    import torch
+
+    if shape["device"].startswith("cuda"):
+        torch.cuda.synchronize(shape["device"])
+
+
 def steady_step(variant: str, num_tasks: int, shape: dict):
     """The step of ``variant`` after its covering steps and 2 more (Adam's state of a task is
     created the first time the task is in a batch: at D = 100 most tasks of the timed batches
@@ -225,7 +245,8 @@ def steady_step(variant: str, num_tasks: int, shape: dict):
         warmup = [random_batch(shape, num_tasks, generator) for _ in range(WARMUP)]
         for batch in covering_batches(variant, shape, num_tasks) + warmup:
             step(batch)
-    return step, {"peak_rss_mb": peak_rss_mb()}
+    synchronize(shape)
+    return step, peak_memory(shape)
 
 
 def measure_memory(variant: str, num_tasks: int, shape: dict) -> dict:
@@ -255,8 +276,10 @@ def interleaved_times(steps: dict, num_tasks: int, shape: dict, one_task: tuple[
         for name in (list(steps) if round % 2 else list(steps)[::-1]):
             rows = one_task_batch(batch) if name in one_task else batch
             with allocator(name):
+                synchronize(shape)
                 started = time.perf_counter()
                 steps[name](rows)
+                synchronize(shape)
                 elapsed = 1000 * (time.perf_counter() - started)
             if round >= WARMUP:
                 times[name].append(elapsed)
@@ -270,8 +293,8 @@ def one_task_batch(batch):
     from bora_pyro.data import Batch
 
     zeros = torch.zeros_like(batch.task_ids)
-    return Batch(batch.input_ids, batch.attention_mask, zeros, torch.arange(len(zeros)), DOCS_PER_TASK,
-                 torch.full_like(zeros, DOCS_PER_TASK))
+    return Batch(batch.input_ids, batch.attention_mask, zeros, torch.arange(len(zeros), device=zeros.device),
+                 DOCS_PER_TASK, torch.full_like(zeros, DOCS_PER_TASK))
 
 
 def store_rank(shape: dict, num_tasks: int, guide_kind: str, disk_gb: float, rank_one_params: int) -> int:
@@ -299,22 +322,24 @@ def prefill(store) -> None:
 
 
 def measure_store(guide_kind: str, num_tasks: int, rank: int, shape: dict, folder: str) -> dict:
-    """A step with the task store on disk in ``folder`` (every task with its moments), timed
-    beside peft and beside the in-memory step at D = 1, all three at ``rank``; the store step's
-    peak RSS (before the other two are built) and bytes moved per step."""
+    """A step with the task store (on disk in ``folder``, or pinned host memory with
+    ``--store-backend host``; every task with its moments), timed beside peft and beside the
+    in-memory step at D = 1, all three at ``rank``; the store step's peak memory (before the
+    other two are built) and bytes moved per step."""
     import torch
 
     from bora_pyro import TaskStore
 
     shape = shape | {"rank": rank}
-    store = TaskStore(folder)
+    store = TaskStore(folder if shape["store_backend"] == "disk" else None)
     step = bora_step(shape, num_tasks, guide_kind, store)
     prefill(store)
     generator = torch.Generator().manual_seed(3)
     with allocator(guide_kind):
         for _ in range(WARMUP):
             step(random_batch(shape, num_tasks, generator))
-    memory = {"peak_rss_mb": peak_rss_mb()}
+    synchronize(shape)
+    memory = peak_memory(shape)
     variant = f"{guide_kind}-store"
     moved = store.bytes_moved
     in_memory = f"{guide_kind}-D1"
@@ -342,7 +367,7 @@ def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
     model = BoRA(lm, HierarchicalNormal(TAU), num_tasks)
     guide = mean_field_guide(model, init_scale=0.01)
     with torch.no_grad():
-        guide(Batch.probe())
+        guide(Batch.probe(device=lm.device))
     generator = torch.Generator().manual_seed(4)
     documents = DocumentSet([torch.randint(1, shape["vocab_size"], (shape["length"],), generator=generator).tolist()
                              for _ in range(4 * num_tasks)], [d % num_tasks for d in range(4 * num_tasks)])
@@ -353,14 +378,15 @@ def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
     plain = time.perf_counter() - started
     pyro.set_rng_seed(0)
     started = time.perf_counter()
-    sample_perplexities(lm, posterior_factors(model, guide, Batch.probe(), samples), documents,
+    sample_perplexities(lm, posterior_factors(model, guide, Batch.probe(device=lm.device), samples), documents,
                         [str(d) for d in range(num_tasks)], pad_token_id=0)
     return {"samples": samples, "plain_s": plain, "draws_s": time.perf_counter() - started}
 
 
 def child(args, *extra: str) -> dict:
     """Run ``--child *extra`` in a fresh process and return its JSON."""
-    command = [sys.executable, __file__, "--shape", args.shape, "--child", *extra]
+    command = [sys.executable, __file__, "--shape", args.shape, "--device", args.device, "--base-dtype",
+               args.base_dtype, "--store-backend", args.store_backend, "--child", *extra]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -413,12 +439,20 @@ def main() -> None:
     parser.add_argument("--store-dir", help="where the task stores' files go (default: a temp folder; removed after)")
     parser.add_argument("--store-disk-gb", type=float, default=STORE_DISK_GB,
                         help="the most disk one store may fill: the rank is halved until its state fits")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--base-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the frozen base's weights (adapters, guide and peft's LoRA weights stay float32)")
+    parser.add_argument("--store-backend", choices=("disk", "host"),
+                        help="where the task-store variants keep the tasks (default disk on a CPU, pinned host "
+                             "memory on a GPU)")
     parser.add_argument("--json", metavar="FILE", help="write the step table as JSON to FILE")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     started = time.perf_counter()
     args.shape = "quick" if args.quick else args.shape
-    shape = SHAPES[args.shape]
+    args.store_backend = args.store_backend or ("disk" if args.device == "cpu" else "host")
+    shape = SHAPES[args.shape] | {"device": args.device, "base_dtype": args.base_dtype,
+                                  "store_backend": args.store_backend}
     if args.child:
         kind, *values = args.child
         measure = {"predictive": lambda: measure_predictive(shape, int(values[0]), args.samples),
@@ -460,11 +494,12 @@ def main() -> None:
         from bora_pyro.precision import machine_description
 
         settings = {"shape": args.shape, **shape, "batch": BATCH, "warmup_rounds": WARMUP,
-                    "tau": TAU, "target_modules": shape["targets"], "precision": "float32", "device": "cpu",
-                    "machine": machine_description("cpu")}
+                    "tau": TAU, "target_modules": shape["targets"], "precision": args.base_dtype, "device": args.device,
+                    "machine": machine_description(args.device)}
         with open(args.json, "w") as file:  # the rows' keys as they have always been, plus their settings
             json.dump([{key: row[key] for key in ("variant", "D", "median_ms", "ratio_to_peft", "peak_rss_mb")}
-                       | settings | {key: row[key] for key in STORE_KEYS if key in row} for row in rows], file, indent=1)
+                       | settings | {key: row[key] for key in (*STORE_KEYS, "peak_gpu_mb") if key in row} for row in rows],
+                      file, indent=1)
         summary = {"d_ratio": {variant: d_ratio(rows, variant) for variant in ("map", "mean-field")},
                    "floats_per_adapter_parameter": floats, "adapter_params_per_task": adapter_params,
                    "predictive": predictive | {"throughput": predictive["plain_s"] / predictive["draws_s"]},
