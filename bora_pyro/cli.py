@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -95,7 +96,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute each block's activations in the backward pass instead of keeping them")
     parser.add_argument("--task-store", choices=TASK_STORES,
                         help="keep every task's rows and optimizer state off the device during the fit, in host "
-                             "memory or memory-mapped in RUN_DIR/task-store/ (many tasks; the same fit, bit for bit)")
+                             "memory or in files in RUN_DIR/task-store/ (many tasks; the same fit, bit for bit)")
     parser.add_argument("--out", help="run directory to write (checkpointed at every validation check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -185,7 +186,8 @@ def run_fit(args: argparse.Namespace) -> dict:
     config.task_names = corpus.task_names
     if main_process:
         save_config(run_dir, config)
-    model, guide = build_model(config, lm, fit_task_store(config, run_dir))
+    task_store = fit_task_store(config, run_dir)
+    model, guide = build_model(config, lm, task_store)
     try:
         result = fit(
             model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
@@ -207,6 +209,9 @@ def run_fit(args: argparse.Namespace) -> dict:
     }
     if main_process:
         save_run(run_dir, config, guide, metrics)
+    if task_store is not None and task_store.folder is not None:  # working files: the run holds every task now
+        task_store.close()
+        shutil.rmtree(task_store.folder, ignore_errors=True)
     return {"run_dir": str(run_dir), "test_perplexity": metrics["test"]["perplexity"] if tested else None,
             "base_test_perplexity": metrics["base_test"]["perplexity"] if tested else None, "steps": result.steps}
 

@@ -52,8 +52,6 @@ class FitResult:
     stopped_by: str = "cap"
     history: list[dict] = field(default_factory=list)
     elbos: list[float] = field(default_factory=list)
-    task_store: TaskStore | None = None
-    task_shards: tuple[Path, torch.Tensor, bool] | None = None
     elbo_trend: ElboTrend | None = None
     still_improving: bool = False
     elbo_window: int = 0
@@ -116,7 +114,8 @@ class TrainState:
     sums since the last check (a checkpoint written on SIGINT/SIGTERM falls between checks);
     ``elbos`` every step's ELBO so far. With a task store, ``task_store`` is the fit's store when
     saving (its changed tasks are written as shards beside the checkpoint), and ``task_shards``
-    (folder, [D] shard steps, whether a best snapshot exists) what a loaded checkpoint names.
+    (folder, [D] shard steps, [D] changed since the snapshot, whether a best snapshot exists) what
+    a loaded checkpoint names.
     """
 
     step: int
@@ -132,7 +131,7 @@ class TrainState:
     window: dict = field(default_factory=lambda: dict(EMPTY_WINDOW))
     elbos: list[float] = field(default_factory=list)
     task_store: TaskStore | None = None
-    task_shards: tuple[Path, torch.Tensor, bool] | None = None
+    task_shards: tuple[Path, torch.Tensor, torch.Tensor, bool] | None = None
 
 
 def window_steps(step: int, eval_every: int) -> int:
@@ -435,6 +434,8 @@ def fit(
         result.elbos = list(resume.elbos)
         best_nll, best_state, checks_without_gain = resume.best_nll, resume.best_guide, resume.checks_without_gain
         window, checkpoint_step = dict(resume.window), resume.step
+    elif task_store is not None:
+        task_store.start()  # a fresh optimizer, as an in-memory guide gets from a second fit
 
     def checkpoint(step: int) -> None:
         nonlocal checkpoint_step

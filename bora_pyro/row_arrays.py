@@ -9,11 +9,15 @@ until the kernel needs the memory. A new file is sparse: rows of zeros never wri
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from .errors import WriteError
 
 
 class HostRows:
@@ -42,20 +46,35 @@ class FileRows:
         self.shape, self.path = tuple(shape), Path(path)
         self.row_shape = self.shape[1:]
         self.row_bytes = 4 * math.prod(self.row_shape)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.row_bytes * self.shape[0])
+        self.fd = None
+        with self.io_errors("create"):
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self.fd, self.row_bytes * self.shape[0])
 
-    def __del__(self):
-        if getattr(self, "fd", None) is not None:
+    def close(self) -> None:
+        if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    __del__ = close
+
+    @contextlib.contextmanager
+    def io_errors(self, what: str) -> Iterator[None]:
+        """An ``OSError`` (a full disk, a file removed under the fit) as one :class:`WriteError` line."""
+        try:
+            yield
+        except OSError as error:
+            raise WriteError(f"cannot {what} the task store's file {self.path} ({error.strerror or error}); "
+                             f"the store needs {self.row_bytes * self.shape[0] / 2**30:.2f} GB there: free disk "
+                             "space or give the store another folder") from None
 
     def __getitem__(self, task: int) -> torch.Tensor:
         """Row ``task``, read from the file into a new tensor."""
         row = torch.empty(self.row_shape)
         view = memoryview(row.numpy()).cast("B")
-        if os.preadv(self.fd, [view], self.offset(task)) != self.row_bytes:
-            raise OSError(f"{self.path} is shorter than its {self.shape[0]} rows: was it truncated?")
+        with self.io_errors("read"):
+            if os.preadv(self.fd, [view], self.offset(task)) != self.row_bytes:
+                raise OSError(0, f"shorter than its {self.shape[0]} rows: was it truncated?")
         return row
 
     def __setitem__(self, task: int, value: torch.Tensor) -> None:
@@ -63,9 +82,10 @@ class FileRows:
         if row.shape != self.row_shape:
             raise ValueError(f"a row of {self.path} is {self.row_shape}, not {tuple(row.shape)}")
         view = memoryview(row.numpy()).cast("B")
-        written = 0
-        while written < self.row_bytes:  # pwrite may write less than asked (signals, big rows)
-            written += os.pwrite(self.fd, view[written:], self.offset(task) + written)
+        written, offset = 0, self.offset(task)
+        with self.io_errors("write"):
+            while written < self.row_bytes:  # pwrite may write less than asked (signals, big rows)
+                written += os.pwrite(self.fd, view[written:], offset + written)
 
     def get(self, task: int, device: torch.device) -> torch.Tensor:
         """Row ``task`` on ``device`` (read once: no second copy on the CPU)."""

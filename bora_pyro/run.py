@@ -38,7 +38,8 @@ CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "met
 CHECKPOINT_FILE = "checkpoint.safetensors"
 #: A fit with a task store checkpoints its tasks here, one shard per task (:mod:`bora_pyro.task_store`).
 TASKS_FOLDER = "checkpoint-tasks"
-#: ``--task-store disk`` memory-maps the fit's task rows here (per process: ``rank<r>``).
+#: ``--task-store disk`` keeps the fit's task rows in files here (per process: ``rank<r>``),
+#: removed once the run is saved.
 TASK_STORE_FOLDER = "task-store"
 TASK_STORES = ("host", "disk")
 PRIORS = ("hierarchical", "independent", "joint")
@@ -227,7 +228,8 @@ def versions() -> dict[str, str]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(temp_path)``, then rename the temp file onto ``path``.
+    """Call ``write(temp_path)``, flush it to disk, then rename the temp file onto ``path`` and
+    flush the folder: after a crash of the machine too, ``path`` is the old file or the new one.
 
     Raises:
         WriteError: the folder is not writable or the disk is full; ``path`` is left as it was.
@@ -237,13 +239,24 @@ def atomic_write(path: Path, write) -> None:
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         write(temp)
+        fsync(temp)
         os.replace(temp, path)
+        fsync(path.parent)
     except OSError as error:
         raise WriteError(f"cannot write {path} ({error.strerror or first_line(error)}); its previous version "
                          "is intact: free disk space or make the folder writable, then try again") from None
     finally:
         if temp is not None and os.path.exists(temp):
             os.remove(temp)
+
+
+def fsync(path: Path | str) -> None:
+    """Flush a file's or a folder's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def make_dir(path: Path) -> Path:
@@ -426,7 +439,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState) -> None:
     }
     make_dir(Path(run_dir))
     if state.task_store is not None:  # the changed tasks' shards first: the checkpoint file names them
-        tensors["tasks.shard_steps"] = state.task_store.write_shards(Path(run_dir) / TASKS_FOLDER, state.step)
+        tensors |= state.task_store.write_shards(Path(run_dir) / TASKS_FOLDER, state.step)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(Path(run_dir) / CHECKPOINT_FILE,
                  lambda temp: safetensors.torch.save_file(tensors, temp, metadata={"train_state": json.dumps(metadata)}))
@@ -474,6 +487,6 @@ def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> 
         checks_without_gain=meta["checks_without_gain"], history=meta["history"],
         **({"window": meta["window"]} if "window" in meta else {}),
         elbos=meta.get("elbos", []),
-        task_shards=((Path(run_dir) / TASKS_FOLDER, tensors["tasks.shard_steps"], meta["has_best"])
-                     if "tasks.shard_steps" in tensors else None),
+        task_shards=((Path(run_dir) / TASKS_FOLDER, tensors["tasks.shard_steps"], tensors["tasks.changed"],
+                      meta["has_best"]) if "tasks.shard_steps" in tensors else None),
     )

@@ -125,14 +125,33 @@ class TaskStore:
     def __init__(self, folder: str | Path | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.sites: dict[str, StoredRows] = {}
+        self.snapshot_values: dict[str, HostRows | FileRows] = {}  # per site: the values of the best check
+        self.has_snapshot = False
         self.changed: set[int] = set()  # tasks stepped since the last snapshot
-        self.snapshot_values: dict[str, torch.Tensor] = {}
         self.unsaved: set[int] = set()  # tasks stepped or snapshotted since the last checkpoint
         self.shard_steps: torch.Tensor | None = None  # [D] the checkpoint step of each task's shard; -1: none
         self.rows_in_state_dict = True
         self.bytes_moved = 0  # between the store and the device by steps: rows and moments, both ways
+        self.paths: set[Path] = set()
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        """Forget the optimizer's state, the snapshot and the checkpoints of an earlier fit (the
+        rows keep their values): a new fit starts its optimizer afresh."""
+        for rows in self.sites.values():
+            rows.steps.zero_()  # a task without steps gets no moments: the optimizer starts them at 0
+        self.has_snapshot, self.changed, self.unsaved, self.shard_steps = False, set(), set(), None
+
+    def close(self) -> None:
+        """Close the store's files (with ``folder``; their folder is then the caller's to remove)."""
+        for array in self.arrays():
+            if isinstance(array, FileRows):
+                array.close()
+
+    def arrays(self) -> list[HostRows | FileRows]:
+        return [array for rows in self.sites.values() for array in (rows.values, *rows.moments.values())] + list(
+            self.snapshot_values.values())
 
     def rows(self, key: str, init: torch.Tensor, dim: int, num_tasks: int, is_location: bool) -> StoredRows:
         """New :class:`StoredRows` for a site (see there for the arguments)."""
@@ -146,7 +165,11 @@ class TaskStore:
         in ``folder``, or host memory (pinned for a GPU: copies to it can overlap compute)."""
         if self.folder is None:
             return HostRows(shape, pin=device.type == "cuda")
-        return FileRows(self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.{array}.f32", shape)
+        path = self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.{array}.f32"
+        if path in self.paths:  # two sites whose names differ only in characters a file name cannot hold
+            raise ConfigError(f"two arrays of the task store would share the file {path}: rename a site")
+        self.paths.add(path)
+        return FileRows(path, shape)
 
     def fetch(self, tasks: list[int]) -> None:
         """Bring the rows of ``tasks`` of every site to the device as leaves, in this order (before
@@ -183,19 +206,18 @@ class TaskStore:
         held = {id(leaf) for leaf in self.leaves()}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in held]
+        # out of the optimizer first: a write that fails (a full disk) leaves it consistent
+        stepped = [(rows, d, leaf, optimizer.state.pop(leaf)) for rows in self.sites.values()
+                   for d, leaf in rows.leaves.items() if leaf in optimizer.state]  # no state: no gradient, not stepped
         with torch.no_grad():
-            for rows in self.sites.values():
-                for d, leaf in rows.leaves.items():
-                    state = optimizer.state.pop(leaf, None)
-                    if state is None:  # no gradient: not attached, not stepped
-                        continue
-                    rows.values[d] = leaf
-                    rows.steps[d] = state["step"]
-                    for name in MOMENTS:
-                        rows.moments[name][d] = state[name]
-                    self.bytes_moved += (1 + len(MOMENTS)) * leaf.nbytes
-                    self.changed.add(d)
-                    self.unsaved.add(d)
+            for rows, d, leaf, state in stepped:
+                rows.values[d] = leaf
+                rows.steps[d] = state["step"]
+                for name in MOMENTS:
+                    rows.moments[name][d] = state[name]
+                self.bytes_moved += (1 + len(MOMENTS)) * leaf.nbytes
+                self.changed.add(d)
+                self.unsaved.add(d)
         self.discard()
 
     def discard(self) -> None:
@@ -205,27 +227,30 @@ class TaskStore:
 
     def snapshot(self) -> None:
         """Remember the current values (the fit's best so far): copies only the tasks stepped
-        since the last snapshot."""
-        for key, rows in self.sites.items():
-            if key not in self.snapshot_values:
-                self.snapshot_values[key] = self.copy_of(key, rows)
-                self.unsaved.update(range(rows.num_tasks))
-            else:
+        since the last snapshot (all of them the first time)."""
+        if not self.has_snapshot:
+            self.take_first_snapshot()
+            # a shard written before it holds no snapshot; a task never stepped has its start as one
+            self.unsaved |= {d for d, step in enumerate(self.current_shard_steps().tolist()) if step >= 0}
+        else:
+            for key, rows in self.sites.items():
                 for d in self.changed:
                     self.snapshot_values[key][d] = rows.values[d]
         self.unsaved |= self.changed
         self.changed.clear()
 
-    def copy_of(self, key: str, rows: StoredRows) -> HostRows | FileRows:
-        """A new array ``snapshot`` of site ``key`` holding its values now."""
-        copy = self.allocate(key, "snapshot", rows.values.shape, rows.device)
-        for d in range(rows.num_tasks):
-            copy[d] = rows.values[d]
-        return copy
+    def take_first_snapshot(self) -> None:
+        """Every site's values now, into its snapshot array (allocated the first time)."""
+        for key, rows in self.sites.items():
+            if key not in self.snapshot_values:
+                self.snapshot_values[key] = self.allocate(key, "snapshot", rows.values.shape, rows.device)
+            for d in range(rows.num_tasks):
+                self.snapshot_values[key][d] = rows.values[d]
+        self.has_snapshot = True
 
     def restore_snapshot(self) -> None:
         """Put back the values of the last :meth:`snapshot` (their moments stay: the fit is over)."""
-        if not self.snapshot_values:
+        if not self.has_snapshot:
             return
         for key, rows in self.sites.items():
             for d in self.changed:
@@ -238,9 +263,11 @@ class TaskStore:
     # (``shard_steps``) and is written after them, so a crash between the two leaves the previous
     # checkpoint whole (its shards are removed only once the new file is in place).
 
-    def write_shards(self, folder: Path, step: int) -> torch.Tensor:
-        """Write the shards of the tasks changed since the last committed checkpoint; the shard
-        step of every task with them: [D] int64 (-1: never written, still at its start)."""
+    def write_shards(self, folder: Path, step: int) -> dict[str, torch.Tensor]:
+        """Write the shards of the tasks changed since the last committed checkpoint; what the
+        checkpoint file then holds of the store: ``tasks.shard_steps`` [D] int64, each task's shard
+        (-1: never written, still at its start), and ``tasks.changed`` [D] bool, the tasks stepped
+        since the last snapshot."""
         from .run import atomic_write, make_dir
 
         make_dir(folder)
@@ -250,12 +277,14 @@ class TaskStore:
             for key, rows in self.sites.items():
                 tensors |= {f"{key}.values": rows.values[d], f"{key}.steps": rows.steps[d:d + 1]}
                 tensors |= {f"{key}.{name}": rows.moments[name][d] for name in MOMENTS}
-                if key in self.snapshot_values:
+                if self.has_snapshot:
                     tensors[f"{key}.snapshot"] = self.snapshot_values[key][d]
             tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
             atomic_write(folder / shard_name(d, step), lambda temp: safetensors.torch.save_file(tensors, temp))
             shard_steps[d] = step
-        return shard_steps
+        changed = torch.zeros(self.num_tasks, dtype=torch.bool)
+        changed[sorted(self.changed)] = True
+        return {"tasks.shard_steps": shard_steps, "tasks.changed": changed}
 
     def commit(self, folder: Path, shard_steps: torch.Tensor) -> None:
         """The checkpoint naming ``shard_steps`` is written: forget the saved changes and remove
@@ -266,14 +295,14 @@ class TaskStore:
             if path.name not in current:
                 path.unlink(missing_ok=True)
 
-    def read_shards(self, folder: Path, shard_steps: torch.Tensor, has_snapshot: bool) -> None:
-        """Load the checkpoint naming ``shard_steps`` into a store built like the saved one (a
-        task without a shard stays at its start)."""
+    def read_shards(self, folder: Path, shard_steps: torch.Tensor, changed: torch.Tensor, has_snapshot: bool) -> None:
+        """Load the checkpoint naming ``shard_steps`` (and ``changed``, see :meth:`write_shards`)
+        into a store built like the saved one (a task without a shard stays at its start)."""
         from .run import read_tensors
 
+        self.start()
         if has_snapshot:
-            for key, rows in self.sites.items():
-                self.snapshot_values[key] = self.copy_of(key, rows)
+            self.take_first_snapshot()
         with torch.no_grad():
             for d, step in enumerate(shard_steps.tolist()):
                 if step < 0:
@@ -286,8 +315,7 @@ class TaskStore:
                         rows.moments[name][d] = tensors[f"{key}.{name}"]
                     if has_snapshot:
                         self.snapshot_values[key][d] = tensors[f"{key}.snapshot"]
-        self.shard_steps, self.unsaved = shard_steps.clone(), set()
-        self.changed = set(range(self.num_tasks)) if has_snapshot else set()  # restoring an unchanged row copies it onto itself
+        self.shard_steps, self.changed = shard_steps.clone(), set(changed.nonzero().flatten().tolist())
 
     def current_shard_steps(self) -> torch.Tensor:
         """[D] the step of each task's shard in the last committed checkpoint (-1: none)."""

@@ -154,7 +154,7 @@ class TaskwiseMixin:
 
     Args:
         task_store: keep the per-task rows in this :class:`~bora_pyro.task_store.TaskStore`
-            (host memory or a memory-mapped file) instead of as leaves on the device: only the
+            (host memory or files) instead of as leaves on the device: only the
             batch's tasks come to the device during a step. None: leaves (:class:`TaskRows`).
     """
 

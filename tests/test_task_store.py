@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, TaskStore, fit, load_tokenizer
-from bora_pyro.errors import CheckpointError
+from bora_pyro.errors import CheckpointError, WriteError
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal
 from bora_pyro.run import (
@@ -167,7 +167,8 @@ def test_a_checkpoint_resumes_only_with_a_guide_like_the_one_that_wrote_it(gpt2_
 
 def test_the_cli_fits_with_a_store_on_disk_as_without_one(gpt2_dir, tmp_path):
     """``fit --task-store disk``: the same guide.safetensors (every task, no store needed to load
-    it) and test metrics as the fit without a store; its checkpoint's tasks are shards."""
+    it) and test metrics as the fit without a store; its checkpoint's tasks are shards; its
+    working files are gone once the run is saved."""
     from safetensors.torch import load_file
 
     flags = ("--guide", "mean-field", "--eval-every", "4")
@@ -178,7 +179,8 @@ def test_the_cli_fits_with_a_store_on_disk_as_without_one(gpt2_dir, tmp_path):
     assert (json.loads((stored / METRICS_FILE).read_text())["test"]
             == json.loads((plain / METRICS_FILE).read_text())["test"])
     assert json.loads((stored / CONFIG_FILE).read_text())["task_store"] == "disk"
-    assert list((stored / TASK_STORE_FOLDER / "rank0").glob("*.f32")) and list((stored / TASKS_FOLDER).iterdir())
+    assert list((stored / TASKS_FOLDER).iterdir())  # the checkpoint's shards
+    assert not (stored / TASK_STORE_FOLDER / "rank0").exists()  # the working files, removed once the run is saved
 
 
 def test_a_step_moves_the_batch_tasks_rows_and_moments_only(gpt2_dir, corpus):
@@ -218,3 +220,48 @@ def test_file_rows_read_back_what_was_written_and_start_sparse(tmp_path):
         rows[1000]
     with pytest.raises(ValueError, match="not"):
         rows[0] = torch.zeros(3, 64)
+    os.close(rows.fd)  # what a failing disk does to a write, as the error the user sees
+    with pytest.raises(WriteError, match=r"cannot write the task store's file .*rows.f32 .*free disk space"):
+        rows[0] = value
+    rows.fd = None
+
+
+def test_a_checkpoint_writes_the_shards_of_the_tasks_stepped_since_the_last_one(gpt2_dir, tmp_path, monkeypatch):
+    """20 tasks, a checkpoint every 2 steps of 3 documents: a checkpoint without a new best writes
+    the shards of exactly the tasks of its 2 steps; one with a new best at least those."""
+    records = synthetic_records(num_tasks=5, docs_per_task=20)  # each task's documents dealt to 4 tasks
+    corpus = MultiTaskCorpus([(f"{r['speaker']}-{i % 4}", r["line"]) for i, r in enumerate(records)],
+                             load_tokenizer(gpt2_dir), test_size=0.0, validation_size=0.2)
+    fetched = []
+    fetch = TaskStore.fetch
+    monkeypatch.setattr(TaskStore, "fetch", lambda store, tasks: (fetched.append(set(tasks)), fetch(store, tasks))[1])
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+    guide = map_guide(model, task_store=TaskStore())
+    written, best = {}, {}
+
+    def checkpoint(state):
+        save_checkpoint(tmp_path, state)
+        written[state.step] = {int(path.name.split(".")[0])
+                               for path in (tmp_path / TASKS_FOLDER).glob(f"*.{state.step}.safetensors")}
+        best[state.step] = state.best_step == state.step
+
+    fit(model, guide, corpus, steps=20, batch_size=3, lr=0.4, eval_every=2, patience=None, progress=False, seed=1,
+        on_checkpoint=checkpoint)
+    assert not all(best.values()) and len(written) == 10
+    for step, tasks in written.items():
+        stepped = set().union(*fetched[step - 2:step])
+        assert tasks == stepped if not best[step] else tasks >= stepped, step
+    assert max(len(tasks) for step, tasks in written.items() if not best[step]) < 20
+
+
+def test_a_second_fit_of_a_stored_guide_starts_its_optimizer_afresh_like_an_in_memory_one(gpt2_dir, corpus):
+    finals = []
+    for task_store in (None, TaskStore()):
+        lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+        model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+        guide = map_guide(model, task_store=task_store)
+        for seed in (1, 2):
+            fit(model, guide, corpus, steps=8, batch_size=3, lr=0.1, eval_every=4, progress=False, seed=seed)
+        finals.append(guide.state_dict())
+    assert all(torch.equal(finals[1][key], finals[0][key]) for key in finals[0])
