@@ -265,3 +265,16 @@ def test_a_second_fit_of_a_stored_guide_starts_its_optimizer_afresh_like_an_in_m
             fit(model, guide, corpus, steps=8, batch_size=3, lr=0.1, eval_every=4, progress=False, seed=seed)
         finals.append(guide.state_dict())
     assert all(torch.equal(finals[1][key], finals[0][key]) for key in finals[0])
+
+
+def test_reading_the_prior_s_sites_draws_one_task_not_all(gpt2_dir):
+    """``latent_sites`` (which ``map_guide``, ``shared_site_names`` and the diagnostics run) traces
+    the prior on one task: on all of them it drew [D, P] values, twice the whole store at D = 1000."""
+    from bora_pyro.models.priors import latent_sites
+
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(30.0), 100_000)
+    sites = latent_sites(model.prior, lm.modules_spec, model.tasks_plate())
+    task_sites = {name: site for name, site in sites.items() if name.startswith("task.")}
+    assert task_sites and all(site["value"].shape[0] == 1 for site in task_sites.values())
+    assert all(frame.full_size == 100_000 for site in task_sites.values() for frame in site["cond_indep_stack"])
