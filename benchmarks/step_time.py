@@ -212,7 +212,8 @@ def allocator(variant: str):
 
     from bora_pyro.allocator import reuse_large_blocks
 
-    return reuse_large_blocks(torch.device("cpu")) if variant.startswith(("map", "mean-field")) else contextlib.nullcontext()
+    bora_pyro_step = variant.startswith(("map", "mean-field"))
+    return reuse_large_blocks(torch.device("cpu")) if bora_pyro_step else contextlib.nullcontext()
 
 
 def peak_memory(shape: dict) -> dict:
@@ -348,7 +349,8 @@ def measure_store(guide_kind: str, num_tasks: int, rank: int, shape: dict, folde
     steps = WARMUP + shape["steps"]
     state = sum(rows.num_tasks * (1 + 2) * 4 * math.prod(rows.values.shape[1:]) for rows in store.sites.values())
     return memory | {"median_ms": times[variant], "peft_ms": times["peft"], "in_memory_D1_ms": times[in_memory],
-                     "rank": rank, "state_mb": state / 2**20, "bytes_moved_per_step": (store.bytes_moved - moved) / steps}
+                     "rank": rank, "state_mb": state / 2**20,
+                     "bytes_moved_per_step": (store.bytes_moved - moved) / steps}
 
 
 def measure_predictive(shape: dict, num_tasks: int, samples: int) -> dict:
@@ -397,12 +399,10 @@ def d_ratio(rows: list[dict], variant: str) -> float:
     return by_d[max(by_d)]["ratio_to_peft"] / by_d[min(by_d)]["ratio_to_peft"]
 
 
-def store_rows(args, shape: dict) -> list[dict]:
+def store_rows(args, shape: dict, adapter_params: int) -> list[dict]:
     """The task-store variants at ``--store-tasks``, each in a process of its own with its store in
-    a folder removed after it."""
-    from bora_pyro import MultiTaskLM
-
-    rank_one = MultiTaskLM(base_model(shape), rank=1, target_modules=shape["targets"]).num_adapter_params
+    a folder removed after it; ``adapter_params``: per task at the shape's rank."""
+    rank_one = adapter_params // shape["rank"]  # r·(in + out) per module
     rows = []
     for guide_kind in ("map", "mean-field"):
         for num_tasks in args.store_tasks:
@@ -470,7 +470,11 @@ def main() -> None:
                                                                       for row in rows), "ratio_to_peft": 1.0}
     peft.update(child(args, "memory", "peft", "1"))
     rows.insert(0, peft)
-    rows += store_rows(args, shape)
+    from bora_pyro import MultiTaskLM
+
+    adapter_params = MultiTaskLM(base_model(shape), rank=shape["rank"],
+                                 target_modules=shape["targets"]).num_adapter_params
+    rows += store_rows(args, shape, adapter_params)
     print(f"{'variant':<11} {'D':>4} {'step ms':>9} {'× peft':>7} {'peak RSS MB':>12}")
     for row in rows:
         print(f"{row['variant']:<11} {row['D']:>4} {row['median_ms']:>9.0f} {row['ratio_to_peft']:>7.2f} "
@@ -478,10 +482,6 @@ def main() -> None:
     for variant in ("map", "mean-field"):
         print(f"{variant}: step at D={max(args.tasks)} / D={min(args.tasks)}: {d_ratio(rows, variant):.3f} "
               "(of their ratios to peft)")
-    from bora_pyro import MultiTaskLM
-
-    adapter_params = MultiTaskLM(base_model(shape), rank=shape["rank"],
-                                 target_modules=shape["targets"]).num_adapter_params
     largest = max(args.tasks)
     mean_field = next(row for row in rows if row["variant"] == "mean-field" and row["D"] == largest)
     floats = (mean_field["peak_rss_mb"] - peft["peak_rss_mb"]) * 2**20 / 4 / (largest * adapter_params)
@@ -498,7 +498,8 @@ def main() -> None:
                     "machine": machine_description(args.device)}
         with open(args.json, "w") as file:  # the rows' keys as they have always been, plus their settings
             json.dump([{key: row[key] for key in ("variant", "D", "median_ms", "ratio_to_peft", "peak_rss_mb")}
-                       | settings | {key: row[key] for key in (*STORE_KEYS, "peak_gpu_mb") if key in row} for row in rows],
+                       | settings | {key: row[key] for key in (*STORE_KEYS, "peak_gpu_mb") if key in row}
+                       for row in rows],
                       file, indent=1)
         summary = {"d_ratio": {variant: d_ratio(rows, variant) for variant in ("map", "mean-field")},
                    "floats_per_adapter_parameter": floats, "adapter_params_per_task": adapter_params,

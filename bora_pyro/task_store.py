@@ -145,13 +145,10 @@ class TaskStore:
 
     def close(self) -> None:
         """Close the store's files (with ``folder``; their folder is then the caller's to remove)."""
-        for array in self.arrays():
+        arrays = [array for rows in self.sites.values() for array in (rows.values, *rows.moments.values())]
+        for array in arrays + list(self.snapshot_values.values()):
             if isinstance(array, FileRows):
                 array.close()
-
-    def arrays(self) -> list[HostRows | FileRows]:
-        return [array for rows in self.sites.values() for array in (rows.values, *rows.moments.values())] + list(
-            self.snapshot_values.values())
 
     def rows(self, key: str, init: torch.Tensor, dim: int, num_tasks: int, is_location: bool) -> StoredRows:
         """New :class:`StoredRows` for a site (see there for the arguments)."""
@@ -359,7 +356,8 @@ def load_shared_state_dict(guide, state: dict[str, torch.Tensor]) -> None:
 def guide_task_store(guide) -> TaskStore | None:
     """The :class:`TaskStore` of ``guide`` or of its parts (an ``AutoGuideList``), or None."""
     parts = list(guide) if isinstance(guide, nn.ModuleList) else [guide]
-    stores = list({id(store): store for part in parts if (store := getattr(part, "task_store", None)) is not None}.values())
+    found = (getattr(part, "task_store", None) for part in parts)
+    stores = list({id(store): store for store in found if store is not None}.values())
     if len(stores) > 1:
         raise ConfigError("the parts of this guide hold their tasks in different task stores: give them one")
     return stores[0] if stores else None

@@ -34,7 +34,7 @@ from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
 from bora_pyro.models.priors import LEARNED_TAU_CENTERED, PACKED, factor_layout, hyperparameter_sites, is_factor_site
 from bora_pyro.task_store import TaskStore
 
-from .taskwise import TaskwiseDelta, TaskwiseNormal, is_log_scale, unmangled
+from .taskwise import TaskwiseDelta, TaskwiseNormal, is_location
 
 __all__ = ["LEARNED_TAU_CENTERED", "LoRAInit", "TaskwiseDelta", "TaskwiseNormal", "hybrid_guide", "learned_tau_guide",
            "map_guide", "mean_field_guide", "param_groups", "quantiles"]
@@ -184,8 +184,7 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
     """
     locations, log_scales = [], []
     for name, parameter in guide.named_parameters():
-        is_location = is_factor_site(unmangled(name).removesuffix("_unconstrained")) and not is_log_scale(name)
-        (locations if is_location else log_scales).append(parameter)
+        (locations if is_location(name) else log_scales).append(parameter)
     return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]
 
 

@@ -142,6 +142,12 @@ def unmangled(parameter_name: str) -> str:
     return re.sub(r"\.rows\.\d+$", "", parameter_name).replace("/", ".")
 
 
+def is_location(parameter_name: str) -> bool:
+    """Whether a guide parameter holds a factor site's location (``lr``'s optimizer group in
+    :func:`~bora_pyro.guides.param_groups`), not a variational log σ or a hyperparameter's."""
+    return is_factor_site(unmangled(parameter_name).removesuffix("_unconstrained")) and not is_log_scale(parameter_name)
+
+
 class TaskwiseMixin:
     """What both guides share: the batch's task indices, read from the tasks plate while the
     guide runs (None, i.e. all tasks, outside a run: ``median()``, ``quantiles()``), and
@@ -168,8 +174,8 @@ class TaskwiseMixin:
     def _task_rows(self, attribute: str, name: str, site: dict, init: torch.Tensor, event_dim: int):
         """:func:`task_rows` of site ``name`` for the guide's ``attribute`` (``task_locs``, …), in
         the guide's task store if it has one."""
-        is_location = attribute != "task_log_scales" and is_factor_site(name)
-        return task_rows(site, init, event_dim, self.task_store, f"{attribute}/{rows_key(name)}", is_location)
+        return task_rows(site, init, event_dim, self.task_store, f"{attribute}/{rows_key(name)}",
+                         is_location(f"{attribute}.{rows_key(name)}"))
 
     def task_rows(self, attribute: str) -> nn.ModuleDict:
         """The guide's ``nn.ModuleDict`` ``attribute`` of per-task leaves (``task_locs``, …).

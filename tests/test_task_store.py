@@ -194,7 +194,8 @@ def test_a_step_moves_the_batch_tasks_rows_and_moments_only(gpt2_dir, corpus):
     guide = map_guide(model, task_store=store)
     with torch.no_grad():
         guide(corpus.train.collate([0], corpus.pad_token_id))
-    step = SVIStep(model, guide, make_optimizer("adam", optimizer_groups(guide, 0.01, None, 0.0), 0.01), task_store=store)
+    optimizer = make_optimizer("adam", optimizer_groups(guide, 0.01, None, 0.0), 0.01)
+    step = SVIStep(model, guide, optimizer, task_store=store)
     task_ids = corpus.train.task_ids
     batch = corpus.train.collate([task_ids.index(1), task_ids.index(3)], corpus.pad_token_id)
     row_bytes = sum(4 * torch.Size(rows.values.shape[1:]).numel() for rows in store.sites.values())
