@@ -82,16 +82,21 @@ class BatchStream:
         self.epoch_batches: list[Batch] | None = None
 
     def __next__(self) -> Batch:
+        batch = self.peek()
+        self.position += 1
+        return batch
+
+    def peek(self) -> Batch:
+        """The batch that ``next`` returns, without taking it (a task store reads its tasks ahead)."""
         if self.epoch_batches is None:
             self.generator.set_state(self.epoch_start)
             self.epoch_batches = list(self.corpus.train.batches(
                 self.batch_size, self.corpus.pad_token_id, shuffle=True, generator=self.generator))
-        if self.position == len(self.epoch_batches):
+        if self.position == len(self.epoch_batches):  # the next epoch's first: its state replays the same
             self.epoch, self.position = self.epoch + 1, 0
             self.epoch_start, self.epoch_batches = self.generator.get_state(), None
-            return next(self)
-        self.position += 1
-        return self.epoch_batches[self.position - 1]
+            return self.peek()
+        return self.epoch_batches[self.position]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "epoch_start": self.epoch_start.clone()}
@@ -486,6 +491,8 @@ def fit(
             batch = next(batches)
             if task_store is not None:
                 task_store.fetch(batch.task_ids.unique().tolist())  # the global batch's: the same on every process
+                if step < total_steps:
+                    task_store.prefetch(batches.peek().task_ids.unique().tolist())
             batch = batch.shard(rank, num_ranks).to(device)
             try:
                 report = svi_step(batch, interrupted())

@@ -38,6 +38,9 @@ class HostRows:
         """A copy of row ``task`` on ``device`` (asynchronous from pinned memory to a GPU)."""
         return self.data[task].to(device, copy=True, non_blocking=device.type == "cuda")
 
+    def will_need(self, task: int) -> None:
+        """Nothing to prepare: the row is in memory."""
+
 
 class FileRows:
     """[D, *row] float32 rows in the file ``path`` (created empty, i.e. zeros)."""
@@ -76,6 +79,13 @@ class FileRows:
             if os.preadv(self.fd, [view], self.offset(task)) != self.row_bytes:
                 raise OSError(0, f"shorter than its {self.shape[0]} rows: was it truncated?")
         return row
+
+    def will_need(self, task: int) -> None:
+        """Ask the kernel to start reading row ``task`` into its page cache (where it can): the
+        read that follows then copies from memory instead of waiting for the disk."""
+        if hasattr(os, "posix_fadvise"):
+            with self.io_errors("read"):
+                os.posix_fadvise(self.fd, self.offset(task), self.row_bytes, os.POSIX_FADV_WILLNEED)
 
     def __setitem__(self, task: int, value: torch.Tensor) -> None:
         row = value.detach().to("cpu", torch.float32).contiguous()

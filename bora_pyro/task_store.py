@@ -9,11 +9,16 @@ r = 16). Given a :class:`TaskStore`, a guide keeps each task site in :class:`Sto
   when the device is a GPU) or, with ``folder``, in files there for more tasks than host memory
   holds (:mod:`bora_pyro.row_arrays`: read and written a row at a time, sparse until written),
   and each task's Adam step count ``steps`` [D] in host memory;
-- while the guide runs with gradients on, a task's row is copied to the device as a leaf the
-  first time the batch asks for it (:meth:`StoredRows.select`);
+- while the guide runs with gradients on, a task's row (and its moments) is copied to the device
+  as a leaf the first time the batch asks for it (:meth:`StoredRows.select`; a fit asks first,
+  with :meth:`TaskStore.fetch`, for the whole global batch);
 - :meth:`TaskStore.attach` hands the batch's leaves and their saved moments to the optimizer
   before its step; :meth:`TaskStore.detach` writes the updated values and moments back and frees
   the leaves.
+
+The copies go through :class:`~bora_pyro.row_traffic.RowTraffic`; :meth:`TaskStore.prefetch`
+(which :func:`bora_pyro.fit` calls with the next batch's tasks) lets the next step's reads
+overlap the running one, and a task stepped twice in a row stays on the device between them.
 
 The optimizer updates these leaves with the same kernel and state as the in-memory leaves, so a
 fit with a store ends with the same parameters, bit for bit on the CPU, as one without. Sites
@@ -33,9 +38,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .row_arrays import FileRows, HostRows
-
-#: Adam's (and AdamW's) per-parameter state, stored per task.
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from .row_traffic import MOMENTS, RowTraffic
 
 
 class StoredRows(nn.Module):
@@ -63,6 +66,11 @@ class StoredRows(nn.Module):
         self.moments = {name: store.allocate(key, name, shape, self.device) for name in MOMENTS}
         self.steps = torch.zeros(num_tasks)
         self.leaves: dict[int, nn.Parameter] = {}  # the tasks of the running step, on the device
+        self.leaf_moments: dict[int, dict[str, torch.Tensor]] = {}  # theirs, for tasks stepped before
+
+    def array(self, name: str) -> HostRows | FileRows:
+        """``values`` or one of the :data:`MOMENTS`."""
+        return self.values if name == "values" else self.moments[name]
 
     @property
     def num_tasks(self) -> int:
@@ -73,10 +81,12 @@ class StoredRows(nn.Module):
         tasks while gradients are on, leaves that the next optimizer step updates; else copies."""
         if tasks is None or not torch.is_grad_enabled():  # all D: outside a step (median(), diagnostics)
             return [self.values.get(d, self.device) for d in (range(self.num_tasks) if tasks is None else tasks)]
+        traffic = self.store.traffic
         for d in tasks:
             if d not in self.leaves:
-                self.leaves[d] = nn.Parameter(self.values.get(d, self.device))
-                self.store.bytes_moved += self.leaves[d].nbytes
+                self.leaves[d] = nn.Parameter(traffic.take(self, "values", d))
+                if self.steps[d] > 0:
+                    self.leaf_moments[d] = {name: traffic.take(self, name, d) for name in MOMENTS}
         return [self.leaves[d] for d in tasks]
 
     def forward(self, tasks: list[int] | None = None) -> torch.Tensor:
@@ -95,6 +105,7 @@ class StoredRows(nn.Module):
                               error_msgs):
         if not self.store.rows_in_state_dict:
             return
+        self.store.traffic.settle()
         with torch.no_grad():
             for d in range(self.num_tasks):
                 key = f"{prefix}rows.{d}"
@@ -131,7 +142,7 @@ class TaskStore:
         self.unsaved: set[int] = set()  # tasks stepped or snapshotted since the last checkpoint
         self.shard_steps: torch.Tensor | None = None  # [D] the checkpoint step of each task's shard; -1: none
         self.rows_in_state_dict = True
-        self.bytes_moved = 0  # between the store and the device by steps: rows and moments, both ways
+        self.traffic = RowTraffic(torch.device("cpu"))  # made again with the first site, on its device
         self.paths: set[Path] = set()
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -139,12 +150,14 @@ class TaskStore:
     def start(self) -> None:
         """Forget the optimizer's state, the snapshot and the checkpoints of an earlier fit (the
         rows keep their values): a new fit starts its optimizer afresh."""
+        self.traffic.settle()
         for rows in self.sites.values():
             rows.steps.zero_()  # a task without steps gets no moments: the optimizer starts them at 0
         self.has_snapshot, self.changed, self.unsaved, self.shard_steps = False, set(), set(), None
 
     def close(self) -> None:
         """Close the store's files (with ``folder``; their folder is then the caller's to remove)."""
+        self.traffic.settle()
         arrays = [array for rows in self.sites.values() for array in (rows.values, *rows.moments.values())]
         for array in arrays + list(self.snapshot_values.values()):
             if isinstance(array, FileRows):
@@ -155,7 +168,14 @@ class TaskStore:
         if key in self.sites:
             raise ConfigError(f"the task store already holds {key!r}: give every guide a store of its own")
         self.sites[key] = StoredRows(self, key, init, dim, num_tasks, is_location)
+        if len(self.sites) == 1:
+            self.traffic = RowTraffic(self.sites[key].device)
         return self.sites[key]
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes of rows and moments moved between the store and the device by steps, both ways."""
+        return self.traffic.bytes_moved
 
     def allocate(self, key: str, array: str, shape: tuple[int, ...], device: torch.device) -> HostRows | FileRows:
         """Zero float32 rows of ``shape`` off the device, for a guide on ``device``: a sparse file
@@ -175,6 +195,13 @@ class TaskStore:
         with torch.enable_grad():
             for rows in self.sites.values():
                 rows.select(tasks)
+        self.traffic.forget_written()
+
+    def prefetch(self, tasks: list[int]) -> None:
+        """Start reading the rows of the next step's ``tasks`` (after :meth:`fetch`, before the
+        running step; the running step's own tasks the next one takes from its write-back)."""
+        running = {d for rows in self.sites.values() for d in rows.leaves}
+        self.traffic.prefetch(self.sites, tasks, skip=running)
 
     def leaves(self) -> list[nn.Parameter]:
         """The leaves of the running step (every site, every task the guide asked for)."""
@@ -193,10 +220,8 @@ class TaskStore:
                 if leaf.grad is None:
                     continue
                 group["params"].append(leaf)
-                if rows.steps[d] > 0:
-                    optimizer.state[leaf] = {"step": rows.steps[d].to(leaf.device, copy=True)} | {
-                        name: rows.moments[name].get(d, leaf.device) for name in MOMENTS}
-                    self.bytes_moved += len(MOMENTS) * leaf.nbytes
+                if d in rows.leaf_moments:
+                    optimizer.state[leaf] = {"step": rows.steps[d].to(leaf.device, copy=True)} | rows.leaf_moments[d]
 
     def detach(self, optimizer: torch.optim.Optimizer) -> None:
         """Write the stepped leaves and their moments back, take them out of ``optimizer``, free them."""
@@ -206,21 +231,18 @@ class TaskStore:
         # out of the optimizer first: a write that fails (a full disk) leaves it consistent
         stepped = [(rows, d, leaf, optimizer.state.pop(leaf)) for rows in self.sites.values()
                    for d, leaf in rows.leaves.items() if leaf in optimizer.state]  # no state: no gradient, not stepped
-        with torch.no_grad():
-            for rows, d, leaf, state in stepped:
-                rows.values[d] = leaf
-                rows.steps[d] = state["step"]
-                for name in MOMENTS:
-                    rows.moments[name][d] = state[name]
-                self.bytes_moved += (1 + len(MOMENTS)) * leaf.nbytes
-                self.changed.add(d)
-                self.unsaved.add(d)
+        for rows, d, leaf, state in stepped:
+            self.traffic.write(rows, d, {"values": leaf.detach()} | {name: state[name] for name in MOMENTS})
+            rows.steps[d] = state["step"]
+            self.changed.add(d)
+            self.unsaved.add(d)
         self.discard()
 
     def discard(self) -> None:
         """Drop the running step's leaves without writing them back (a step that failed)."""
         for rows in self.sites.values():
             rows.leaves.clear()
+            rows.leaf_moments.clear()
 
     def snapshot(self) -> None:
         """Remember the current values (the fit's best so far): copies only the tasks stepped
@@ -249,6 +271,7 @@ class TaskStore:
         """Put back the values of the last :meth:`snapshot` (their moments stay: the fit is over)."""
         if not self.has_snapshot:
             return
+        self.traffic.settle()
         for key, rows in self.sites.items():
             for d in self.changed:
                 rows.values[d] = self.snapshot_values[key][d]
@@ -320,7 +343,7 @@ class TaskStore:
 
     @property
     def num_tasks(self) -> int:
-        return next(iter(self.sites.values())).num_tasks
+        return next(iter(self.sites.values())).num_tasks if self.sites else 0  # a prior without task sites
 
 
 def shard_name(task: int, step: int) -> str:

@@ -8,6 +8,8 @@ import torch
 
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, TaskStore, fit, load_tokenizer
 from bora_pyro.errors import CheckpointError, WriteError
+from bora_pyro.fit import BatchStream
+from bora_pyro.row_arrays import FileRows
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide
 from bora_pyro.models import BoRA, HierarchicalNormal
 from bora_pyro.run import (
@@ -185,7 +187,8 @@ def test_the_cli_fits_with_a_store_on_disk_as_without_one(gpt2_dir, tmp_path):
 
 def test_a_step_moves_the_batch_tasks_rows_and_moments_only(gpt2_dir, corpus):
     """``bytes_moved`` per step: the batch's rows to the device, their moments once they have
-    some, and rows and moments back; nothing of the other tasks."""
+    some, and rows and moments back; nothing of the other tasks, and nothing to the device for
+    a task that the last step wrote back (the next step takes its tensors)."""
     from bora_pyro.fit import SVIStep, make_optimizer, optimizer_groups
 
     lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
@@ -197,20 +200,18 @@ def test_a_step_moves_the_batch_tasks_rows_and_moments_only(gpt2_dir, corpus):
     optimizer = make_optimizer("adam", optimizer_groups(guide, 0.01, None, 0.0), 0.01)
     step = SVIStep(model, guide, optimizer, task_store=store)
     task_ids = corpus.train.task_ids
-    batch = corpus.train.collate([task_ids.index(1), task_ids.index(3)], corpus.pad_token_id)
     row_bytes = sum(4 * torch.Size(rows.values.shape[1:]).numel() for rows in store.sites.values())
     moved = []
-    for _ in range(2):
-        store.fetch([1, 3])
-        step(batch)
+    for tasks in ([1, 3], [1, 3], [0, 3]):
+        store.fetch(tasks)
+        step(corpus.train.collate([task_ids.index(task) for task in tasks], corpus.pad_token_id))
         moved.append(store.bytes_moved - sum(moved))
-    assert moved == [2 * row_bytes * (1 + 3), 2 * row_bytes * (1 + 2 + 3)]  # fetch (+ moments) + write back
-    assert [int(store.sites[key].steps.count_nonzero()) for key in store.sites] == [2] * len(store.sites)
+    # rows to the device (+ moments once stepped), then rows and moments back
+    assert moved == [2 * row_bytes * (1 + 3), 2 * row_bytes * 3, row_bytes * 1 + 2 * row_bytes * 3]
+    assert [int(store.sites[key].steps.count_nonzero()) for key in store.sites] == [3] * len(store.sites)
 
 
 def test_file_rows_read_back_what_was_written_and_start_sparse(tmp_path):
-    from bora_pyro.row_arrays import FileRows
-
     rows = FileRows(tmp_path / "rows.f32", (1000, 64, 3))
     assert (tmp_path / "rows.f32").stat().st_size == 1000 * 64 * 3 * 4
     assert os.stat(tmp_path / "rows.f32").st_blocks * 512 < 64 * 3 * 4 * 10  # zeros not written cost no disk
@@ -254,6 +255,25 @@ def test_a_checkpoint_writes_the_shards_of_the_tasks_stepped_since_the_last_one(
         stepped = set().union(*fetched[step - 2:step])
         assert tasks == stepped if not best[step] else tasks >= stepped, step
     assert max(len(tasks) for step, tasks in written.items() if not best[step]) < 20
+
+
+def test_a_fit_prepares_every_step_s_rows_but_the_first_s_during_the_step_before(gpt2_dir, corpus, tmp_path):
+    """Before each step the fit names the next step's tasks (:meth:`TaskStore.prefetch`); that
+    step takes the tasks the step before wrote back from it: only the first step reads rows cold."""
+    store = TaskStore(tmp_path)
+    _, result = fitted(gpt2_dir, corpus, mean_field_guide, store)
+    first_batch = next(BatchStream(corpus, 3, seed=1)).task_ids.unique()
+    assert result.steps > 12
+    assert store.traffic.cold_reads == len(store.sites) * len(first_batch)  # values only: no moments yet
+
+
+def test_file_rows_ask_the_kernel_to_read_a_prepared_row_ahead(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: calls.append(args), raising=False)
+    rows = FileRows(tmp_path / "rows.f32", (5, 2, 3))
+    rows.will_need(3)
+    assert calls == [(rows.fd, 3 * 2 * 3 * 4, 2 * 3 * 4, os.POSIX_FADV_WILLNEED)]
+    rows.close()
 
 
 def test_a_second_fit_of_a_stored_guide_starts_its_optimizer_afresh_like_an_in_memory_one(gpt2_dir, corpus):
