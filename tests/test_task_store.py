@@ -299,3 +299,16 @@ def test_reading_the_prior_s_sites_draws_one_task_not_all(gpt2_dir):
     task_sites = {name: site for name, site in sites.items() if name.startswith("task.")}
     assert task_sites and all(site["value"].shape[0] == 1 for site in task_sites.values())
     assert all(frame.full_size == 100_000 for site in task_sites.values() for frame in site["cond_indep_stack"])
+
+
+def test_a_store_given_to_a_prior_without_task_sites_holds_nothing_and_fits(gpt2_dir, corpus, tmp_path):
+    """τ = ∞ (one adapter for all) has no per-task sites: its store stays empty and the fit runs
+    as without one (a τ sweep passes every fit a store)."""
+    from bora_pyro.models import prior_from_tau
+
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, prior_from_tau(float("inf")), corpus.num_tasks)
+    store = TaskStore(tmp_path)
+    result = fit(model, map_guide(model, task_store=store), corpus, steps=6, batch_size=3, lr=0.1, eval_every=3,
+                 progress=False)
+    assert result.steps == 6 and not store.sites and store.bytes_moved == 0
