@@ -1,6 +1,10 @@
 """Held-out perplexity per task under one set of adapters (the posterior mean or MAP).
 
 Perplexity = exp(total NLL / number of predicted tokens), per task and over all tasks.
+
+A guide whose tasks live in a task store (:mod:`bora_pyro.task_store`) is evaluated
+:data:`TASKS_PER_PASS` tasks at a time: the device then holds the factors of those tasks only,
+and the store is read once, not all D rows at once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from .allocator import reuse_large_blocks
 from .data import DocumentSet
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+#: Tasks whose factors one pass of :func:`evaluate` holds on the device, for a guide with a task store.
+TASKS_PER_PASS = 64
 
 
 @torch.no_grad()
@@ -76,8 +83,26 @@ def evaluate_factors(lm, factors: Factors | None, corpus, split: str = "test", b
 
 def evaluate(model, guide, corpus, split: str = "test", batch_size: int = 16) -> dict:
     """The report of :func:`evaluate_factors` under the guide's posterior median (= mean for
-    AutoNormal, the MAP for AutoDelta)."""
-    return evaluate_factors(model.lm, model.task_factors(guide.median()), corpus, split, batch_size)
+    AutoNormal, the MAP for AutoDelta); for a guide with a task store, :data:`TASKS_PER_PASS`
+    tasks at a time."""
+    from bora_pyro.guides import only_tasks
+    from bora_pyro.task_store import guide_task_store
+
+    store = guide_task_store(guide)
+    if store is None or not store.sites:
+        return evaluate_factors(model.lm, model.task_factors(guide.median()), corpus, split, batch_size)
+    documents = corpus.documents(split)
+    log_probs, tokens = torch.zeros(len(documents)), torch.zeros(len(documents), dtype=torch.long)
+    for first in range(0, model.num_tasks, TASKS_PER_PASS):
+        tasks = range(first, min(first + TASKS_PER_PASS, model.num_tasks))
+        rows = [n for n, task in enumerate(documents.task_ids) if task in tasks]
+        if not rows:  # the same on every process of a data-parallel run
+            continue
+        with only_tasks(guide, tasks):
+            factors = model.task_factors(guide.median(), tasks)
+        part = documents.relabel({task: task - first for task in tasks})  # row k of the factors: task first + k
+        log_probs[rows], tokens[rows] = document_log_probs(model.lm, factors, part, corpus.pad_token_id, batch_size)
+    return perplexity_report(log_probs, tokens, documents.task_ids, corpus.task_names)
 
 
 def evaluate_base(lm, corpus, split: str = "test", batch_size: int = 16) -> dict:

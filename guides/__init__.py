@@ -23,6 +23,8 @@ hyperparameter sites (see the prior contract in :mod:`bora_pyro.models.priors`);
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from pyro import poutine
@@ -34,10 +36,10 @@ from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
 from bora_pyro.models.priors import LEARNED_TAU_CENTERED, PACKED, factor_layout, hyperparameter_sites, is_factor_site
 from bora_pyro.task_store import TaskStore
 
-from .taskwise import TaskwiseDelta, TaskwiseNormal, is_location
+from .taskwise import TaskwiseDelta, TaskwiseMixin, TaskwiseNormal, is_location
 
 __all__ = ["LEARNED_TAU_CENTERED", "LoRAInit", "TaskwiseDelta", "TaskwiseNormal", "hybrid_guide", "learned_tau_guide",
-           "map_guide", "mean_field_guide", "param_groups", "quantiles"]
+           "map_guide", "mean_field_guide", "only_tasks", "param_groups", "quantiles"]
 
 
 class LoRAInit:
@@ -186,6 +188,18 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
     for name, parameter in guide.named_parameters():
         (locations if is_location(name) else log_scales).append(parameter)
     return [{"params": locations, "lr": lr}, {"params": log_scales, "lr": log_scale_lr}]
+
+
+@contextlib.contextmanager
+def only_tasks(guide, tasks: Sequence[int]) -> Iterator[None]:
+    """Within it, ``guide.median()`` and :func:`quantiles` give the task sites' rows of ``tasks``
+    only (:meth:`TaskwiseMixin.only_tasks` on every part of an ``AutoGuideList``); pass ``tasks``
+    to ``model.task_factors`` with them."""
+    with contextlib.ExitStack() as stack:
+        for part in guide if isinstance(guide, AutoGuideList) else [guide]:
+            if isinstance(part, TaskwiseMixin):
+                stack.enter_context(part.only_tasks(tasks))
+        yield
 
 
 def quantiles(guide, probs: list[float]) -> dict[str, torch.Tensor]:

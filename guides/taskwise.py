@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from operator import attrgetter
 
 import pyro
@@ -187,11 +187,24 @@ class TaskwiseMixin:
         ``guide.parameters()``, so the statements carry nothing it needs."""
         return self._modules[attribute]
 
+    _only_tasks: list[int] | None = None
+
+    @contextmanager
+    def only_tasks(self, tasks: Sequence[int]) -> Iterator[None]:
+        """Within it, ``median()`` and ``quantiles()`` give the task sites' rows of ``tasks`` only,
+        [..., K, ...] where they give [..., D, ...] (a guide with a task store reads no other)."""
+        self._only_tasks = list(tasks)
+        try:
+            yield
+        finally:
+            self._only_tasks = None
+
     @property
     def _batch_tasks(self) -> list[int] | None:
-        """The indices of the tasks plate's subsample while the guide runs, else None (all)."""
+        """The indices of the tasks plate's subsample while the guide runs, else those of
+        :meth:`only_tasks`, else None (all)."""
         plates = getattr(self, "plates", {}) if self._running else {}
-        return plates[TASKS].indices.tolist() if TASKS in plates else None
+        return plates[TASKS].indices.tolist() if TASKS in plates else self._only_tasks
 
     def forward(self, *args, **kwargs):
         with pyro.settings.context(module_local_params=True):
@@ -305,6 +318,15 @@ class TaskwiseDelta(TaskwiseMixin, AutoDelta):
                     deep_setattr(self, name, PyroParam(value, site["fn"].support, event_dim))
             else:
                 self.task_values[rows_key(name)] = rows
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Every site's point (AutoDelta's, read without running the guide: within
+        :meth:`only_tasks` the task sites hold fewer rows than the model's tasks plate)."""
+        with pyro.settings.context(module_local_params=True):
+            if self.prototype_trace is None:
+                self._setup_prototype(*args, **kwargs)
+            return {name: self.value(name, site).detach() for name, site in self.prototype_trace.iter_stochastic_nodes()}
 
     def value(self, name: str, site: dict) -> torch.Tensor:
         """The point of site ``name`` (of the batch's tasks during a run)."""

@@ -118,11 +118,15 @@ class BoRA:
             pyro.factor("log_likelihood", log_likelihood * weights)
         return log_likelihood
 
-    def task_factors(self, values: Mapping[str, torch.Tensor]) -> Factors:
+    def task_factors(self, values: Mapping[str, torch.Tensor], tasks: Sequence[int] | None = None) -> Factors:
         """The factors every task uses, [D, ...] per module, given values of the prior's sites
-        (e.g. a guide's ``median()``): the prior is run with its sites fixed to ``values``."""
+        (e.g. a guide's ``median()``): the prior is run with its sites fixed to ``values``.
+        With ``tasks``, those tasks' factors, [K, ...], from values whose task sites hold their
+        rows only (a guide's ``median()`` within ``only_tasks(tasks)``)."""
+        plate = self.tasks_plate() if tasks is None else pyro.plate(
+            "tasks", self.num_tasks, subsample=torch.tensor(list(tasks), device=self.lm.device))
         with poutine.block(), poutine.condition(data=dict(values)):
-            return self.prior(self.lm.modules_spec, self.tasks_plate())
+            return self.prior(self.lm.modules_spec, plate)
 
     @functools.cached_property
     def shared_site_names(self) -> list[str]:

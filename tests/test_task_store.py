@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -312,3 +313,33 @@ def test_a_store_given_to_a_prior_without_task_sites_holds_nothing_and_fits(gpt2
     result = fit(model, map_guide(model, task_store=store), corpus, steps=6, batch_size=3, lr=0.1, eval_every=3,
                  progress=False)
     assert result.steps == 6 and not store.sites and store.bytes_moved == 0
+
+
+@pytest.mark.parametrize("make_guide", [map_guide, mean_field_guide, hybrid_guide])
+def test_evaluation_reads_the_store_a_few_tasks_at_a_time_and_gives_the_same_report(gpt2_dir, corpus, tmp_path,
+                                                                                     make_guide, monkeypatch):
+    """With a store, ``evaluate`` takes ``TASKS_PER_PASS`` tasks' medians at a time (here 2 of 5),
+    and reports what the in-memory guide with the same values reports."""
+    from bora_pyro import evaluate
+    from bora_pyro.evaluate import evaluate_factors
+    from bora_pyro.task_store import guide_task_store
+
+    monkeypatch.setattr(sys.modules["bora_pyro.evaluate"], "TASKS_PER_PASS", 2)  # the module, not the function
+    reference, _ = fitted(gpt2_dir, corpus, make_guide)
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+    stored = make_guide(model, task_store=TaskStore(tmp_path))
+    with torch.no_grad():
+        stored(corpus.train.collate([0], corpus.pad_token_id))
+    stored.load_state_dict(reference.state_dict())
+    read = []
+    for rows in guide_task_store(stored).sites.values():
+        monkeypatch.setattr(rows, "select", lambda tasks=None, select=rows.select: read.append(tasks) or select(tasks))
+    report = evaluate(model, stored, corpus, "test")
+    expected = evaluate_factors(lm, model.task_factors(reference.median()), corpus, "test")
+    assert report["tasks"].keys() == expected["tasks"].keys() and len(report["tasks"]) == NUM_TASKS
+    assert report["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    for name, task in expected["tasks"].items():
+        assert report["tasks"][name]["tokens"] == task["tokens"]
+        assert report["tasks"][name]["perplexity"] == pytest.approx(task["perplexity"], rel=1e-5), name
+    assert read and all(tasks is not None and len(tasks) <= 2 for tasks in read)
