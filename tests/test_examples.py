@@ -186,3 +186,34 @@ def test_posterior_predictive_quick(tmp_path, cache_dir):
     assert set(results["loo"]["compare"]) == set(results["loo"]["pareto_k"]) == set(runs) - {"τ = 1e3 (MAP)"}
     ppc = json.loads((out / "ppc.json").read_text())
     assert len(ppc["tasks"]) == 25 and set(results["ppc"]["summary"]) == set(next(iter(ppc["tasks"].values())))
+
+
+def test_many_speakers_quick(tmp_path, cache_dir):
+    """Every speaker of the two plays with ≥ 10 speeches is a task, in the size group its
+    speeches put it in; every fit beats the base model, and a group's perplexity is that of its
+    tasks' test tokens together (a token-weighted mean of their log-perplexities)."""
+    from test_precision import load_example
+
+    from bora_pyro.corpora.shakespeare import every_speaker, load_plays, select_speakers
+
+    example = load_example("many_speakers")
+    report = {"tasks": {"a": {"perplexity": math.e, "tokens": 1}, "b": {"perplexity": math.e ** 2, "tokens": 3}}}
+    assert example.group_perplexities(report, {"a": "g", "b": "g"}) == pytest.approx({"g": math.exp(1.75)})
+    assert [example.size_group(n) for n in (10, 19, 20, 99, 100, 297)] == ["10–19", "10–19", "20–49", "50–99",
+                                                                           "≥ 100", "≥ 100"]
+
+    out = tmp_path / "many"
+    run_example("many_speakers.py", out, cache_dir, "--task-store", "disk")
+    results = json.loads((out / "results.json").read_text())
+    plays = load_plays()
+    speakers = {record["task"] for record in every_speaker(plays, select_speakers(plays).task_plays[:2])}
+    assert set(results["task_groups"]) == speakers == set(results["counts"]) and results["num_tasks"] == len(speakers)
+    assert all(results["task_groups"][task] == example.size_group(sum(counts.values()))
+               for task, counts in results["counts"].items())
+    assert sum(results["group_sizes"].values()) == len(speakers)
+    base = results["base_model"]
+    assert [run["tau"] for run in results["runs"]] == [0.0, 1000.0, "inf"]
+    for run in results["runs"]:
+        assert run["perplexity"] < base["perplexity"] and set(run["tasks"]) == speakers
+        assert set(run["groups"]) == set(base["groups"]) == set(results["group_sizes"])
+    assert "beats both" in (out / "results.md").read_text()

@@ -12,6 +12,7 @@ from bora_pyro.corpora.shakespeare import (
     UNATTRIBUTED,
     SpeakerCorpus,
     Speech,
+    every_speaker,
     is_group_speaker,
     load_plays,
     parse_play,
@@ -426,6 +427,28 @@ def test_speakers_who_speak_in_other_plays_are_no_tasks(monkeypatch: pytest.Monk
     assert "FAT KNIGHT" in task_names(select_speakers(plays, n_tasks=6, max_speeches_elsewhere=10))
     strict = select_speakers(plays, n_tasks=3, max_speeches_elsewhere=4)
     assert task_names(strict) == {"DUKE", "CLOWN", "HERMIT"}
+
+
+def test_every_speaker_of_the_given_plays_with_enough_speeches_is_a_task() -> None:
+    """``every_speaker``: all speakers of the given plays with ``min_docs`` speeches of
+    ``min_chars`` characters, none from other plays, no group, section or speaker heard elsewhere."""
+
+    def speeches(play: str, name: str, n: int, text: str = "Speak the speech, I pray.") -> list[Speech]:
+        return [Speech(play, name, text)] * n
+
+    plays = {
+        "a": speeches("a", "FAT KNIGHT", 30) + speeches("a", "PAGE", 12) + speeches("a", "PAGE", 5, "Ay.")
+        + speeches("a", "ALL", 20) + speeches("a", "PROLOGUE", 15),
+        "b": speeches("b", "FAT KNIGHT", 10, "Ay.") + speeches("b", "DUKE", 40),
+        "c": speeches("c", "CLOWN", 11) + speeches("c", "FOOL", 9),
+    }
+    records = every_speaker(plays, ["a", "c"], min_docs=10)
+    sizes = Counter(record["task"] for record in records)
+    assert sizes == {"PAGE (a)": 12, "CLOWN (c)": 11}  # FAT KNIGHT: 10 speeches in play b
+    assert all(len(record["text"]) >= 20 for record in records)
+    assert set(Counter(r["task"] for r in every_speaker(plays, ["a"], max_speeches_elsewhere=None))) == {
+        "FAT KNIGHT (a)", "PAGE (a)"}
+    assert set(sizes) | {"FOOL (c)"} == set(Counter(r["task"] for r in every_speaker(plays, ["a", "c"], min_docs=9)))
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ __all__ = [
     "select_speakers",
     "speeches_elsewhere",
     "unseen_speakers",
+    "every_speaker",
 ]
 
 #: Per play (file stem): speaker-heading variant -> canonical speaker name.
@@ -416,20 +417,11 @@ def select_speakers(
     The result depends only on the content of ``plays`` and on ``seed``.
     """
     rng = random.Random(seed)
-    sizes: dict[tuple[str, str], int] = {}
-    for play in sorted(plays):
-        for speech in plays[play]:
-            if len(speech.text) >= min_chars and not is_group_speaker(speech.speaker):
-                key = (play, speech.speaker)
-                sizes[key] = sizes.get(key, 0) + 1
-    elsewhere = speeches_elsewhere(plays) if max_speeches_elsewhere is not None else {}
+    sizes = _candidates(plays, min_chars, min_docs, max_docs, max_speeches_elsewhere)
     by_play: dict[str, list[tuple[str, str]]] = {}
     for key in sorted(sizes, key=lambda k: (k[0], -sizes[k], k[1])):
-        if max_speeches_elsewhere is not None and elsewhere[key] > max_speeches_elsewhere:
-            continue
-        if min_docs <= sizes[key] <= max_docs and key[1] not in (*_SECTIONS, UNATTRIBUTED):
-            if max_per_play is None or len(by_play.get(key[0], [])) < max_per_play:
-                by_play.setdefault(key[0], []).append(key)
+        if max_per_play is None or len(by_play.get(key[0], [])) < max_per_play:
+            by_play.setdefault(key[0], []).append(key)
     if sum(len(keys) for keys in by_play.values()) < n_tasks:
         raise ValueError(f"only {sum(map(len, by_play.values()))} candidate speakers")
 
@@ -454,14 +446,55 @@ def select_speakers(
 
     task_plays = sorted({play for play, _ in chosen})
     base_plays = [play for play in sorted(plays) if play not in task_plays]
-    tasks = [
+    base_texts = [speech.text for play in base_plays for speech in plays[play]]
+    return SpeakerCorpus(tasks=_speeches(plays, chosen, min_chars), task_plays=task_plays, base_plays=base_plays,
+                         base_texts=base_texts)
+
+
+def every_speaker(
+    plays: Mapping[str, list[Speech]],
+    in_plays: list[str],
+    min_docs: int = 10,
+    min_chars: int = 20,
+    max_speeches_elsewhere: int | None = 9,
+) -> list[dict]:
+    """Every speaker of the plays ``in_plays`` with at least ``min_docs`` speeches of at least
+    ``min_chars`` characters as a task, by the rules of :func:`select_speakers` otherwise (no
+    group speakers, sections or unattributed text; nobody with more than
+    ``max_speeches_elsewhere`` speeches in another play): one record ``{"task", "text"}`` per
+    speech, grouped by task. Within :func:`select_speakers`'s task plays: the speakers of
+    plays that its base corpus never holds."""
+    chosen = _candidates({play: plays[play] for play in in_plays}, min_chars, min_docs, math.inf,
+                         max_speeches_elsewhere, elsewhere=speeches_elsewhere(plays))
+    return _speeches(plays, list(chosen), min_chars)
+
+
+def _candidates(plays: Mapping[str, list[Speech]], min_chars: int, min_docs: int, max_docs: float,
+                max_speeches_elsewhere: int | None,
+                elsewhere: dict[tuple[str, str], int] | None = None) -> dict[tuple[str, str], int]:
+    """(play, speaker) → number of speeches of ``min_chars`` characters, for the speakers that
+    may be tasks: ``min_docs``-``max_docs`` such speeches, no group speaker, section or
+    unattributed text, at most ``max_speeches_elsewhere`` speeches in any other play
+    (``elsewhere``: :func:`speeches_elsewhere` of all plays; default: of ``plays``)."""
+    sizes: Counter[tuple[str, str]] = Counter(
+        (play, speech.speaker) for play in sorted(plays) for speech in plays[play]
+        if len(speech.text) >= min_chars and not is_group_speaker(speech.speaker))
+    if max_speeches_elsewhere is not None and elsewhere is None:
+        elsewhere = speeches_elsewhere(plays)
+    return {key: size for key, size in sizes.items()
+            if min_docs <= size <= max_docs and key[1] not in (*_SECTIONS, UNATTRIBUTED)
+            and (max_speeches_elsewhere is None or elsewhere[key] <= max_speeches_elsewhere)}
+
+
+def _speeches(plays: Mapping[str, list[Speech]], speakers: list[tuple[str, str]], min_chars: int) -> list[dict]:
+    """The records ``{"task", "text"}`` of the speeches of ``min_chars`` characters of each
+    (play, speaker), grouped by task id (in its order)."""
+    return [
         {"task": _task_id(play, speech.speaker), "text": speech.text}
-        for play, speaker in sorted(chosen, key=lambda k: _task_id(k[0], k[1]))
+        for play, speaker in sorted(speakers, key=lambda k: _task_id(k[0], k[1]))
         for speech in plays[play]
         if speech.speaker == speaker and len(speech.text) >= min_chars
     ]
-    base_texts = [speech.text for play in base_plays for speech in plays[play]]
-    return SpeakerCorpus(tasks=tasks, task_plays=task_plays, base_plays=base_plays, base_texts=base_texts)
 
 
 def unseen_speakers(
