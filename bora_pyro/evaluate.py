@@ -18,6 +18,8 @@ import torch
 from . import distributed
 from .allocator import reuse_large_blocks
 from .data import DocumentSet
+from .guides import only_tasks
+from .task_store import guide_task_store
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,22 +87,20 @@ def evaluate(model, guide, corpus, split: str = "test", batch_size: int = 16) ->
     """The report of :func:`evaluate_factors` under the guide's posterior median (= mean for
     AutoNormal, the MAP for AutoDelta); for a guide with a task store, :data:`TASKS_PER_PASS`
     tasks at a time."""
-    from bora_pyro.guides import only_tasks
-    from bora_pyro.task_store import guide_task_store
-
     store = guide_task_store(guide)
     if store is None or not store.sites:
         return evaluate_factors(model.lm, model.task_factors(guide.median()), corpus, split, batch_size)
     documents = corpus.documents(split)
     log_probs, tokens = torch.zeros(len(documents)), torch.zeros(len(documents), dtype=torch.long)
-    for first in range(0, model.num_tasks, TASKS_PER_PASS):
-        tasks = range(first, min(first + TASKS_PER_PASS, model.num_tasks))
-        rows = [n for n, task in enumerate(documents.task_ids) if task in tasks]
-        if not rows:  # the same on every process of a data-parallel run
-            continue
+    by_pass: dict[int, list[int]] = {}  # the documents of each pass's tasks, in their order
+    for n, task in enumerate(documents.task_ids):
+        by_pass.setdefault(task // TASKS_PER_PASS, []).append(n)
+    for number, rows in sorted(by_pass.items()):  # the same passes on every process of a data-parallel run
+        tasks = range(number * TASKS_PER_PASS, min((number + 1) * TASKS_PER_PASS, model.num_tasks))
         with only_tasks(guide, tasks):
             factors = model.task_factors(guide.median(), tasks)
-        part = documents.relabel({task: task - first for task in tasks})  # row k of the factors: task first + k
+        part = DocumentSet([documents.documents[n] for n in rows],
+                           [documents.task_ids[n] - tasks.start for n in rows])  # task t is the factors' row t - start
         log_probs[rows], tokens[rows] = document_log_probs(model.lm, factors, part, corpus.pad_token_id, batch_size)
     return perplexity_report(log_probs, tokens, documents.task_ids, corpus.task_names)
 

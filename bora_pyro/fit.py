@@ -87,12 +87,14 @@ class BatchStream:
         return batch
 
     def peek(self) -> Batch:
-        """The batch that ``next`` returns, without taking it (a task store reads its tasks ahead)."""
+        """The batch that ``next`` returns, without taking it (a task store reads its tasks ahead).
+        At an epoch's end it moves the stream to the next epoch's start, a state that replays
+        the same batches."""
         if self.epoch_batches is None:
             self.generator.set_state(self.epoch_start)
             self.epoch_batches = list(self.corpus.train.batches(
                 self.batch_size, self.corpus.pad_token_id, shuffle=True, generator=self.generator))
-        if self.position == len(self.epoch_batches):  # the next epoch's first: its state replays the same
+        if self.position == len(self.epoch_batches):  # the next epoch's first
             self.epoch, self.position = self.epoch + 1, 0
             self.epoch_start, self.epoch_batches = self.generator.get_state(), None
             return self.peek()
@@ -486,7 +488,10 @@ def fit(
 
     bar = tqdm(range(result.steps + 1, total_steps + 1), desc="fit", disable=not (progress and main), dynamic_ncols=True,
                initial=result.steps, total=total_steps)
-    with deferred_stop() as interrupted, contextlib.closing(bar), reuse_large_blocks(device):
+    with deferred_stop() as interrupted, contextlib.closing(bar), reuse_large_blocks(device), \
+            contextlib.ExitStack() as cleanup:
+        if task_store is not None:  # however the fit ends, no rows stay held on the device for a next step
+            cleanup.callback(task_store.traffic.settle)
         for step in bar:
             batch = next(batches)
             if task_store is not None:

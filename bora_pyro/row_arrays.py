@@ -25,7 +25,7 @@ class HostRows:
 
     def __init__(self, shape: tuple[int, ...], pin: bool = False):
         self.data = torch.zeros(shape, pin_memory=pin)
-        self.shape = tuple(shape)
+        self.shape, self.pinned = tuple(shape), pin
 
     def __getitem__(self, task: int) -> torch.Tensor:
         """Row ``task``: a view (do not keep it past the next write)."""
@@ -44,6 +44,8 @@ class HostRows:
 
 class FileRows:
     """[D, *row] float32 rows in the file ``path`` (created empty, i.e. zeros)."""
+
+    pinned = False  # a GPU's copies from it go through pageable memory
 
     def __init__(self, path: Path, shape: tuple[int, ...]):
         self.shape, self.path = tuple(shape), Path(path)
@@ -82,9 +84,10 @@ class FileRows:
 
     def will_need(self, task: int) -> None:
         """Ask the kernel to start reading row ``task`` into its page cache (where it can): the
-        read that follows then copies from memory instead of waiting for the disk."""
+        read that follows then copies from memory instead of waiting for the disk. Only a hint:
+        where it fails, the read waits."""
         if hasattr(os, "posix_fadvise"):
-            with self.io_errors("read"):
+            with contextlib.suppress(OSError):
                 os.posix_fadvise(self.fd, self.offset(task), self.row_bytes, os.POSIX_FADV_WILLNEED)
 
     def __setitem__(self, task: int, value: torch.Tensor) -> None:

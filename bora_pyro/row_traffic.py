@@ -9,7 +9,7 @@ GPT-2-small's shape at r = 16, MAP). What can overlap the step is the waiting, n
   from memory instead of waiting for the disk; the write-back lands in the page cache and the
   kernel writes it out in the background;
 - pinned host memory and a GPU: the next step's rows are copied on a stream of their own, beside
-  the step's kernels;
+  the step's kernels (so the device holds two batches' rows for a while);
 - host memory and a CPU: nothing to wait for; a copy is a ``memcpy``.
 
 A worker thread copying beside the step was tried and dropped: on a CPU its copies compete with
@@ -65,19 +65,23 @@ class RowTraffic:
         wanted = [(rows, array, task) for rows in sites.values() for task in tasks if task not in skip
                   for array in ("values", *(MOMENTS if rows.steps[task] > 0 else ()))]
         self.prepared = {(rows.key, array, task) for rows, array, task in wanted}
-        if self.copy_stream is None:
-            for rows, array, task in wanted:
+        copied = []  # pinned rows for a GPU's copy stream; the others' reads are only hinted
+        for rows, array, task in wanted:
+            if self.copy_stream is not None and rows.array(array).pinned:
+                copied.append((rows, array, task))
+            else:
                 rows.array(array).will_need(task)
+        if not copied:
             return
         # the new rows' memory may still be read by kernels of the step before, queued on the step's stream
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            for rows, array, task in wanted:
+            for rows, array, task in copied:
                 self.read_ahead[rows.key, array, task] = rows.array(array).get(task, self.device)
 
     def take(self, rows: StoredRows, array: str, task: int) -> torch.Tensor:
-        """Row ``task`` of ``rows``' ``array`` on the device: the last step's tensor if it wrote
-        it, else the one read ahead, else read now."""
+        """Row ``task`` of ``rows``' ``array`` on the device, [*row]: the last step's tensor if it
+        wrote it, else the one read ahead, else read now."""
         row_key = (rows.key, array, task)
         if row_key in self.written:
             return self.written.pop(row_key)
@@ -91,8 +95,10 @@ class RowTraffic:
         return row
 
     def write(self, rows: StoredRows, task: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Write row ``task`` of each of ``rows``' arrays (``array → tensor``); until the next
-        step takes them, they are also :attr:`written`."""
+        """Write row ``task`` of each of ``rows``' arrays (``array → tensor``, [*row] each); until
+        the next step takes them, they are also :attr:`written`."""
+        for array in tensors:  # a copy read ahead before this write is stale now
+            self.read_ahead.pop((rows.key, array, task), None)
         with torch.no_grad():
             for array, tensor in tensors.items():
                 rows.array(array)[task] = tensor

@@ -1,7 +1,7 @@
 """Many tasks, most of them small: every speaker with ≥ 10 speeches in the plays of the main job's
 25 speakers (161 speakers, 40 of them with fewer than 20 speeches), one task each.
 
-    python examples/many_speakers.py            # ≈ 1 h on 2 CPU cores (with the base's pretraining, cached after)
+    python examples/many_speakers.py            # ≈ 40 min on 2 CPU cores, 12 of them the base's pretraining (cached after)
     python examples/many_speakers.py --quick    # ≈ 2 min: tiny base, 2 plays, few steps
 
 1. The main job's split of the plays (``examples/shakespeare_speakers.py``): its 14 task plays
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
                              test_size=0.33, validation_size=0.15, seed=0)
     counts = corpus.counts()
     groups = {task: size_group(sum(c.values())) for task, c in counts.items()}
-    group_sizes = {group: sum(g == group for g in groups.values())
-                   for group in sorted(set(groups.values()), key=lambda g: int(g.split()[-1].split("–")[0]))}
+    group_sizes = {group: sum(g == group for g in groups.values()) for group in map(size_group, SIZE_GROUPS)
+                   if group in groups.values()}
     print(f"{corpus} from {len(task_plays)} plays; speakers per size group: {group_sizes}", flush=True)
     base_test = evaluate_base(lm, corpus, "test")
     runs = [run_fit(lm, corpus, tau, args, groups) for tau in args.taus]

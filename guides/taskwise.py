@@ -193,11 +193,11 @@ class TaskwiseMixin:
     def only_tasks(self, tasks: Sequence[int]) -> Iterator[None]:
         """Within it, ``median()`` and ``quantiles()`` give the task sites' rows of ``tasks`` only,
         [..., K, ...] where they give [..., D, ...] (a guide with a task store reads no other)."""
-        self._only_tasks = list(tasks)
+        outer, self._only_tasks = self._only_tasks, list(tasks)
         try:
             yield
         finally:
-            self._only_tasks = None
+            self._only_tasks = outer
 
     @property
     def _batch_tasks(self) -> list[int] | None:
@@ -322,7 +322,8 @@ class TaskwiseDelta(TaskwiseMixin, AutoDelta):
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Every site's point (AutoDelta's, read without running the guide: within
-        :meth:`only_tasks` the task sites hold fewer rows than the model's tasks plate)."""
+        :meth:`only_tasks` the task sites hold fewer rows than the model's tasks plate). The
+        arguments only set the guide up on its first call; they choose no tasks."""
         with pyro.settings.context(module_local_params=True):
             if self.prototype_trace is None:
                 self._setup_prototype(*args, **kwargs)

@@ -123,8 +123,8 @@ class BoRA:
         (e.g. a guide's ``median()``): the prior is run with its sites fixed to ``values``.
         With ``tasks``, those tasks' factors, [K, ...], from values whose task sites hold their
         rows only (a guide's ``median()`` within ``only_tasks(tasks)``)."""
-        plate = self.tasks_plate() if tasks is None else pyro.plate(
-            "tasks", self.num_tasks, subsample=torch.tensor(list(tasks), device=self.lm.device))
+        plate = self.tasks_plate() if tasks is None else pyro.plate(  # priors build their tensors on plate.device
+            "tasks", self.num_tasks, subsample=torch.tensor(list(tasks), device=self.lm.device), device=self.lm.device)
         with poutine.block(), poutine.condition(data=dict(values)):
             return self.prior(self.lm.modules_spec, plate)
 

@@ -11,7 +11,7 @@ from bora_pyro import MultiTaskCorpus, MultiTaskLM, TaskStore, fit, load_tokeniz
 from bora_pyro.errors import CheckpointError, WriteError
 from bora_pyro.fit import BatchStream
 from bora_pyro.row_arrays import FileRows
-from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide
+from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, only_tasks
 from bora_pyro.models import BoRA, HierarchicalNormal
 from bora_pyro.run import (
     CONFIG_FILE, GUIDE_FILE, METRICS_FILE, TASK_STORE_FOLDER, TASKS_FOLDER, load_checkpoint, save_checkpoint,
@@ -343,3 +343,27 @@ def test_evaluation_reads_the_store_a_few_tasks_at_a_time_and_gives_the_same_rep
         assert report["tasks"][name]["tokens"] == task["tokens"]
         assert report["tasks"][name]["perplexity"] == pytest.approx(task["perplexity"], rel=1e-5), name
     assert read and all(tasks is not None and len(tasks) <= 2 for tasks in read)
+    if make_guide is map_guide:  # its median, read without running the guide, is AutoDelta's
+        from pyro.infer.autoguide import AutoDelta
+
+        expected_median, got_median = AutoDelta.median(reference), reference.median()
+        assert expected_median.keys() == got_median.keys()
+        assert all(torch.equal(got_median[name], expected_median[name]) for name in expected_median)
+
+
+def test_the_factors_of_some_tasks_come_from_a_plate_on_the_model_s_device(gpt2_dir, corpus):
+    """``task_factors(values, tasks)`` runs the prior in a plate of those tasks, on the LM's
+    device: priors build their tensors on ``plate.device``."""
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+    guide = map_guide(model)
+    with torch.no_grad():
+        guide(corpus.train.collate([0], corpus.pad_token_id))
+    plates, prior = [], model.prior
+    model.prior = lambda modules, tasks: plates.append(tasks) or prior(modules, tasks)
+    with only_tasks(guide, [1, 3]):
+        some = model.task_factors(guide.median(), [1, 3])
+    every = model.task_factors(guide.median())
+    assert [(plate.device, plate.subsample_size) for plate in plates] == [(lm.device, 2), (lm.device, NUM_TASKS)]
+    for name, (lora_A, lora_B) in some.items():
+        assert torch.equal(lora_A, every[name][0][[1, 3]]) and torch.equal(lora_B, every[name][1][[1, 3]])

@@ -461,11 +461,12 @@ def every_speaker(
     """Every speaker of the plays ``in_plays`` with at least ``min_docs`` speeches of at least
     ``min_chars`` characters as a task, by the rules of :func:`select_speakers` otherwise (no
     group speakers, sections or unattributed text; nobody with more than
-    ``max_speeches_elsewhere`` speeches in another play): one record ``{"task", "text"}`` per
-    speech, grouped by task. Within :func:`select_speakers`'s task plays: the speakers of
-    plays that its base corpus never holds."""
+    ``max_speeches_elsewhere`` speeches in any other play of ``plays``): one record
+    ``{"task", "text"}`` per speech, sorted by task. Given :func:`select_speakers`'s task plays,
+    these speakers are never heard in its base plays (beyond ``max_speeches_elsewhere`` speeches)."""
+    elsewhere = speeches_elsewhere(plays) if max_speeches_elsewhere is not None else None
     chosen = _candidates({play: plays[play] for play in in_plays}, min_chars, min_docs, math.inf,
-                         max_speeches_elsewhere, elsewhere=speeches_elsewhere(plays))
+                         max_speeches_elsewhere, elsewhere)
     return _speeches(plays, list(chosen), min_chars)
 
 
@@ -488,7 +489,7 @@ def _candidates(plays: Mapping[str, list[Speech]], min_chars: int, min_docs: int
 
 def _speeches(plays: Mapping[str, list[Speech]], speakers: list[tuple[str, str]], min_chars: int) -> list[dict]:
     """The records ``{"task", "text"}`` of the speeches of ``min_chars`` characters of each
-    (play, speaker), grouped by task id (in its order)."""
+    (play, speaker), sorted by task id."""
     return [
         {"task": _task_id(play, speech.speaker), "text": speech.text}
         for play, speaker in sorted(speakers, key=lambda k: _task_id(k[0], k[1]))
