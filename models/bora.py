@@ -25,7 +25,7 @@ from bora_pyro.adapted_lm import MultiTaskLM
 from bora_pyro.data import Batch
 from bora_pyro.errors import ConfigError
 from bora_pyro.lora import AdaptedModule
-from bora_pyro.models.priors import shared_sites
+from bora_pyro.models.priors import shared_sites, subsampled
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 Prior = Callable[[Sequence[AdaptedModule], pyro.plate], Factors]
@@ -123,8 +123,7 @@ class BoRA:
         (e.g. a guide's ``median()``): the prior is run with its sites fixed to ``values``.
         With ``tasks``, those tasks' factors, [K, ...], from values whose task sites hold their
         rows only (a guide's ``median()`` within ``only_tasks(tasks)``)."""
-        plate = self.tasks_plate() if tasks is None else pyro.plate(  # priors build their tensors on plate.device
-            "tasks", self.num_tasks, subsample=torch.tensor(list(tasks), device=self.lm.device), device=self.lm.device)
+        plate = self.tasks_plate() if tasks is None else subsampled(self.tasks_plate(), tasks)
         with poutine.block(), poutine.condition(data=dict(values)):
             return self.prior(self.lm.modules_spec, plate)
 

@@ -459,11 +459,16 @@ def latent_sites(prior, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> 
     """The latent sample sites of ``prior``, by name (trace nodes). The prior runs once at a
     feasible point, drawing no random numbers, on one task of ``tasks``: its sites are the same for
     any number of tasks, and all D would hold [D, P] values (19 GB at D = 1000 for GPT-2 small, r = 16)."""
-    one_task = pyro.plate(tasks.name, tasks.size, subsample=torch.zeros(1, dtype=torch.long, device=tasks.device),
-                          dim=tasks.dim)
     with poutine.block():
-        trace = poutine.trace(InitMessenger(init_to_feasible)(prior)).get_trace(modules, one_task)
+        trace = poutine.trace(InitMessenger(init_to_feasible)(prior)).get_trace(modules, subsampled(tasks, [0]))
     return {name: site for name, site in trace.iter_stochastic_nodes() if not site_is_subsample(site)}
+
+
+def subsampled(tasks: pyro.plate, indices: Sequence[int]) -> pyro.plate:
+    """The plate ``tasks`` of D tasks, subsampled to those of ``indices`` (K), on the same device:
+    priors build their tensors on ``plate.device``, which a plate does not take from its subsample."""
+    return pyro.plate(tasks.name, tasks.size, subsample=torch.tensor(list(indices), device=tasks.device),
+                      dim=tasks.dim, device=tasks.device)
 
 
 def hyperparameter_sites(prior, modules: Sequence[AdaptedModule], tasks: pyro.plate) -> list[str]:

@@ -353,7 +353,9 @@ def test_evaluation_reads_the_store_a_few_tasks_at_a_time_and_gives_the_same_rep
 
 def test_the_factors_of_some_tasks_come_from_a_plate_on_the_model_s_device(gpt2_dir, corpus):
     """``task_factors(values, tasks)`` runs the prior in a plate of those tasks, on the LM's
-    device: priors build their tensors on ``plate.device``."""
+    device: priors build their tensors on ``plate.device``; so does ``latent_sites``, on one task."""
+    from bora_pyro.models.priors import latent_sites
+
     lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
     model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
     guide = map_guide(model)
@@ -364,6 +366,8 @@ def test_the_factors_of_some_tasks_come_from_a_plate_on_the_model_s_device(gpt2_
     with only_tasks(guide, [1, 3]):
         some = model.task_factors(guide.median(), [1, 3])
     every = model.task_factors(guide.median())
-    assert [(plate.device, plate.subsample_size) for plate in plates] == [(lm.device, 2), (lm.device, NUM_TASKS)]
+    latent_sites(model.prior, lm.modules_spec, model.tasks_plate())
+    assert [(plate.device, plate.subsample_size) for plate in plates] == [
+        (lm.device, 2), (lm.device, NUM_TASKS), (lm.device, 1)]
     for name, (lora_A, lora_B) in some.items():
         assert torch.equal(lora_A, every[name][0][[1, 3]]) and torch.equal(lora_B, every[name][1][[1, 3]])
