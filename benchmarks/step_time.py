@@ -205,19 +205,21 @@ class StoreSteps:
     def __init__(self, svi_step, task_store):
         self.svi_step, self.task_store = svi_step, task_store
 
-    def block(self, batches: list) -> None:
-        """Steps on ``batches`` in a row."""
-        for number, batch in enumerate(batches):
+    def block(self, batches: list, next_batch=None) -> None:
+        """Steps on ``batches`` in a row; the last reads ``next_batch``'s rows ahead (the next
+        block's first batch, which a fit would step next)."""
+        for batch, after in zip(batches, [*batches[1:], next_batch]):
             self.task_store.fetch(batch.task_ids.unique().tolist())
-            if number + 1 < len(batches):
-                self.task_store.prefetch(batches[number + 1].task_ids.unique().tolist())
+            if after is not None:
+                self.task_store.prefetch(after.task_ids.unique().tolist())
             self.svi_step(batch)
 
 
-def run_block(step, batches: list) -> None:
-    """``step`` on each of ``batches``; a :class:`StoreSteps` takes them as one block."""
+def run_block(step, batches: list, next_batch=None) -> None:
+    """``step`` on each of ``batches``; a :class:`StoreSteps` takes them as one block (reading
+    ``next_batch`` ahead)."""
     if isinstance(step, StoreSteps):
-        step.block(batches)
+        step.block(batches, next_batch)
     else:
         for batch in batches:
             step(batch)
@@ -295,15 +297,15 @@ def interleaved_times(steps: dict, num_tasks: int, shape: dict, one_task: tuple[
     import torch
 
     generator = torch.Generator().manual_seed(3)
+    rounds = [[random_batch(shape, num_tasks, generator) for _ in range(block)] for _ in range(WARMUP + shape["steps"])]
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for round in range(WARMUP + shape["steps"]):
-        batches = [random_batch(shape, num_tasks, generator) for _ in range(block)]
+    for round, (batches, next_batches) in enumerate(zip(rounds, [*rounds[1:], [None]])):
         for name in (list(steps) if round % 2 else list(steps)[::-1]):
             rows = [one_task_batch(batch) for batch in batches] if name in one_task else batches
             with allocator(name):
                 synchronize(shape)
                 started = time.perf_counter()
-                run_block(steps[name], rows)
+                run_block(steps[name], rows, next_batches[0])
                 synchronize(shape)
                 elapsed = 1000 * (time.perf_counter() - started) / block
             if round >= WARMUP:
@@ -350,7 +352,8 @@ def measure_store(guide_kind: str, num_tasks: int, rank: int, shape: dict, folde
     """A step with the task store (on disk in ``folder``, or pinned host memory with
     ``--store-backend host``; every task with its moments), timed beside peft and beside the
     in-memory step at D = 1, all three at ``rank`` and :data:`STORE_BLOCK` steps in a row per
-    round (so that the store reads rows ahead as in a fit); the store step's peak memory (before
+    round (so that the store reads rows ahead as in a fit: every step, a block's first too, takes
+    the rows read ahead during the store's step before it); the store step's peak memory (before
     the other two are built) and bytes moved per step."""
     import torch
 

@@ -491,7 +491,7 @@ def fit(
     with deferred_stop() as interrupted, contextlib.closing(bar), reuse_large_blocks(device), \
             contextlib.ExitStack() as cleanup:
         if task_store is not None:  # however the fit ends, no rows stay held on the device for a next step
-            cleanup.callback(task_store.traffic.settle)
+            cleanup.callback(task_store.settle)
         for step in bar:
             batch = next(batches)
             if task_store is not None:

@@ -4,18 +4,19 @@ A fit with a :class:`~bora_pyro.task_store.TaskStore` moves, per step, the batch
 Adam moments to the device and the stepped ones back (425 MB per step for 7–8 tasks of
 GPT-2-small's shape at r = 16, MAP). What can overlap the step is the waiting, not the copying:
 
-- rows in files: :meth:`RowTraffic.prefetch` asks the kernel to read the next step's rows into
-  its page cache (``posix_fadvise(WILLNEED)``) while the step computes, so the next fetch copies
-  from memory instead of waiting for the disk; the write-back lands in the page cache and the
-  kernel writes it out in the background;
+- rows in files: :meth:`RowTraffic.prefetch` has the files' IO threads read the next step's rows
+  while the step computes (:meth:`~bora_pyro.row_arrays.FileRows.will_need`), so the next fetch
+  takes rows already in memory; the IO threads write the stepped rows back from their own memory
+  during the next step (:meth:`~bora_pyro.row_arrays.FileRows.put`);
 - pinned host memory and a GPU: the next step's rows are copied on a stream of their own, beside
   the step's kernels (so the device holds two batches' rows for a while);
 - host memory and a CPU: nothing to wait for; a copy is a ``memcpy``.
 
-A worker thread copying beside the step was tried and dropped: on a CPU its copies compete with
-the step's own threads, and the step lost more than the copies cost (+25–35 % on the in-memory
-step against +3–8 % for the same copies done in line; host memory, D = 100, GPT-2-small's shape,
-r = 16, 2 cores).
+A worker thread *copying* beside the step was tried and dropped: on a CPU its copies compete
+with the step's own threads, and the step lost more than the copies cost (+25–35 % on the
+in-memory step against +3–8 % for the same copies done in line; host memory, D = 100,
+GPT-2-small's shape, r = 16, 2 cores). The files' IO threads only wait: the disk's DMA moves the
+bytes (``O_DIRECT``) to and from the rows' own memory.
 
 A task that the last step wrote back is not read again: the next step takes its tensors
 (:attr:`RowTraffic.written`).
@@ -84,6 +85,7 @@ class RowTraffic:
         wrote it, else the one read ahead, else read now."""
         row_key = (rows.key, array, task)
         if row_key in self.written:
+            rows.array(array).wait_written(task)  # its write-back may still read what the step will change
             return self.written.pop(row_key)
         row = self.read_ahead.pop(row_key, None)
         if row is not None:
@@ -101,7 +103,7 @@ class RowTraffic:
             self.read_ahead.pop((rows.key, array, task), None)
         with torch.no_grad():
             for array, tensor in tensors.items():
-                rows.array(array)[task] = tensor
+                rows.array(array).put(task, tensor)
         self.written |= {(rows.key, array, task): tensor for array, tensor in tensors.items()}
         self.bytes_moved += sum(tensor.nbytes for tensor in tensors.values())
 

@@ -105,7 +105,7 @@ class StoredRows(nn.Module):
                               error_msgs):
         if not self.store.rows_in_state_dict:
             return
-        self.store.traffic.settle()
+        self.store.settle()
         with torch.no_grad():
             for d in range(self.num_tasks):
                 key = f"{prefix}rows.{d}"
@@ -150,18 +150,29 @@ class TaskStore:
     def start(self) -> None:
         """Forget the optimizer's state, the snapshot and the checkpoints of an earlier fit (the
         rows keep their values): a new fit starts its optimizer afresh."""
-        self.traffic.settle()
+        self.settle()
         for rows in self.sites.values():
             rows.steps.zero_()  # a task without steps gets no moments: the optimizer starts them at 0
         self.has_snapshot, self.changed, self.unsaved, self.shard_steps = False, set(), set(), None
 
     def close(self) -> None:
         """Close the store's files (with ``folder``; their folder is then the caller's to remove)."""
-        self.traffic.settle()
-        arrays = [array for rows in self.sites.values() for array in (rows.values, *rows.moments.values())]
-        for array in arrays + list(self.snapshot_values.values()):
+        self.settle()
+        for array in self.arrays():
             if isinstance(array, FileRows):
                 array.close()
+
+    def arrays(self) -> list[HostRows | FileRows]:
+        """Every array of the store: each site's values and moments, and the snapshot's."""
+        return [array for rows in self.sites.values() for array in (rows.values, *rows.moments.values())] + \
+            list(self.snapshot_values.values())
+
+    def settle(self) -> None:
+        """Nothing read ahead, held on the device or being written: the arrays alone hold the rows
+        (before anything outside a step reads or changes them; a failed write raises here)."""
+        self.traffic.settle()
+        for array in self.arrays():
+            array.settle()
 
     def rows(self, key: str, init: torch.Tensor, dim: int, num_tasks: int, is_location: bool) -> StoredRows:
         """New :class:`StoredRows` for a site (see there for the arguments)."""
@@ -271,7 +282,7 @@ class TaskStore:
         """Put back the values of the last :meth:`snapshot` (their moments stay: the fit is over)."""
         if not self.has_snapshot:
             return
-        self.traffic.settle()
+        self.settle()
         for key, rows in self.sites.items():
             for d in self.changed:
                 rows.values[d] = self.snapshot_values[key][d]

@@ -212,21 +212,86 @@ def test_a_step_moves_the_batch_tasks_rows_and_moments_only(gpt2_dir, corpus):
     assert [int(store.sites[key].steps.count_nonzero()) for key in store.sites] == [3] * len(store.sites)
 
 
-def test_file_rows_read_back_what_was_written_and_start_sparse(tmp_path):
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page-cache"])
+def test_file_rows_read_back_what_was_written_and_start_sparse(tmp_path, monkeypatch, direct):
+    if not direct:  # as on tmpfs, which refuses O_DIRECT
+        open_file = os.open
+        monkeypatch.setattr(os, "open", lambda path, flags, *args: open_file(path, flags, *args)
+                            if not flags & getattr(os, "O_DIRECT", 0) else (_ for _ in ()).throw(OSError(22, "")))
     rows = FileRows(tmp_path / "rows.f32", (1000, 64, 3))
-    assert (tmp_path / "rows.f32").stat().st_size == 1000 * 64 * 3 * 4
+    assert rows.direct == direct or not hasattr(os, "O_DIRECT")
+    assert (tmp_path / "rows.f32").stat().st_size == 1000 * 4096  # 768-byte rows a 4096-byte block apart
     assert os.stat(tmp_path / "rows.f32").st_blocks * 512 < 64 * 3 * 4 * 10  # zeros not written cost no disk
-    value = torch.randn(64, 3)
-    rows[999] = value
-    assert torch.equal(rows[999], value) and torch.equal(rows[998], torch.zeros(64, 3))
+    values = torch.randn(3, 64, 3)
+    rows[999], rows[0], rows[1] = values
+    assert torch.equal(rows[999], values[0]) and torch.equal(rows[998], torch.zeros(64, 3))
+    assert torch.equal(rows[0], values[1]) and torch.equal(rows[1], values[2])  # neighbours do not overlap
     with pytest.raises(IndexError):
         rows[1000]
     with pytest.raises(ValueError, match="not"):
         rows[0] = torch.zeros(3, 64)
+    rows.close()
+
+
+def test_a_failed_write_of_file_rows_raises_at_the_next_write_or_when_settled(tmp_path):
+    rows = FileRows(tmp_path / "rows.f32", (5, 2, 3))
     os.close(rows.fd)  # what a failing disk does to a write, as the error the user sees
+    rows[0] = torch.ones(2, 3)  # written on an IO thread: the error comes later
     with pytest.raises(WriteError, match=r"cannot write the task store's file .*rows.f32 .*free disk space"):
-        rows[0] = value
+        rows.settle()
+    with pytest.raises(WriteError, match=r"cannot read the task store's file"):
+        rows[0]
     rows.fd = None
+
+
+def test_file_rows_read_ahead_and_a_read_always_sees_the_last_write(tmp_path, monkeypatch):
+    """A row read ahead is taken without reading again; a write makes a copy read ahead before it
+    stale; a read (ahead or not) waits for the row's write in flight, however slow."""
+    import time
+
+    rows = FileRows(tmp_path / "rows.f32", (5, 2, 3))
+    rows[3] = torch.full((2, 3), 3.0)
+    rows.will_need(3)
+    rows.reads[3].result()
+    reads, pread, pwrite = [], os.preadv, os.pwritev
+    monkeypatch.setattr(os, "preadv", lambda *args: (reads.append(args[2]), pread(*args))[1])
+    assert torch.equal(rows[3], torch.full((2, 3), 3.0)) and reads == []
+
+    rows.will_need(3)
+    rows.reads[3].result()
+    rows[3] = torch.full((2, 3), 4.0)
+    assert torch.equal(rows[3], torch.full((2, 3), 4.0))
+
+    monkeypatch.setattr(os, "pwritev", lambda *args: (time.sleep(0.3), pwrite(*args))[1])
+    rows[2] = torch.full((2, 3), 2.0)
+    rows.will_need(2)
+    assert torch.equal(rows[2], torch.full((2, 3), 2.0))
+    rows[1] = torch.full((2, 3), 1.0)
+    assert torch.equal(rows[1], torch.full((2, 3), 1.0))
+    rows.close()
+
+
+def test_file_rows_write_a_row_they_read_from_its_own_memory_and_wait_for_it(tmp_path, monkeypatch):
+    """``put`` of a row the array read writes it without a copy (the caller then waits for the
+    write before changing the row); any other tensor is copied."""
+    import time
+
+    from bora_pyro import row_arrays
+
+    rows = FileRows(tmp_path / "rows.f32", (5, 2, 3))
+    rows[2] = torch.full((2, 3), 2.0)
+    row = rows[2]
+    blocks, allocate, pwrite = [], row_arrays.aligned_empty, os.pwritev
+    monkeypatch.setattr(row_arrays, "aligned_empty", lambda nbytes: (blocks.append(nbytes), allocate(nbytes))[1])
+    monkeypatch.setattr(os, "pwritev", lambda *args: (time.sleep(0.3), pwrite(*args))[1])
+    rows.put(4, row)
+    assert blocks == []
+    rows.wait_written(4)
+    row.add_(1.0)  # what the next step does to a row it takes back
+    rows.put(0, torch.full((2, 3), 5.0))
+    assert blocks == [4096]
+    assert torch.equal(rows[4], torch.full((2, 3), 2.0)) and torch.equal(rows[0], torch.full((2, 3), 5.0))
+    rows.close()
 
 
 def test_a_checkpoint_writes_the_shards_of_the_tasks_stepped_since_the_last_one(gpt2_dir, tmp_path, monkeypatch):
@@ -266,15 +331,6 @@ def test_a_fit_prepares_every_step_s_rows_but_the_first_s_during_the_step_before
     first_batch = next(BatchStream(corpus, 3, seed=1)).task_ids.unique()
     assert result.steps > 12
     assert store.traffic.cold_reads == len(store.sites) * len(first_batch)  # values only: no moments yet
-
-
-def test_file_rows_ask_the_kernel_to_read_a_prepared_row_ahead(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda *args: calls.append(args), raising=False)
-    rows = FileRows(tmp_path / "rows.f32", (5, 2, 3))
-    rows.will_need(3)
-    assert calls == [(rows.fd, 3 * 2 * 3 * 4, 2 * 3 * 4, os.POSIX_FADV_WILLNEED)]
-    rows.close()
 
 
 def test_a_second_fit_of_a_stored_guide_starts_its_optimizer_afresh_like_an_in_memory_one(gpt2_dir, corpus):
