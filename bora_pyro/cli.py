@@ -18,7 +18,8 @@ import transformers
 from . import distributed
 from .cli_model import add_model_arguments, config_from_flags
 from .cli_predict import (
-    SEPARATOR, add_generate_arguments, add_ppc_arguments, add_predict_arguments, run_generate, run_ppc, run_predict,
+    SEPARATOR, add_generate_arguments, add_ppc_arguments, add_predict_arguments, add_task_store_argument, loaded_run,
+    run_generate, run_ppc, run_predict,
 )
 from .errors import BoRAError, CheckpointError, ConfigError, DataError, FitError, FitInterrupted
 from .evaluate import evaluate, evaluate_base
@@ -27,7 +28,7 @@ from .diagnostics import diagnose
 from .fit import fit
 from .run import (
     BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, TASK_STORES, RunConfig, build_lm,
-    build_model, check_base_model, fit_task_store, load_checkpoint, load_corpus, load_run, read_config, save_checkpoint,
+    build_model, check_base_model, fit_task_store, load_checkpoint, load_corpus, read_config, save_checkpoint,
     save_config, save_run,
 )
 
@@ -224,19 +225,19 @@ def run_diagnose(args: argparse.Namespace) -> dict:
     if not metrics_path.is_file() or "elbos" not in (metrics := json.loads(metrics_path.read_text())):
         raise CheckpointError(f"{metrics_path} is missing or holds no per-step ELBOs (the fit has not finished, or an "
                               "older bora-pyro wrote it): finish or resume the fit, or fit the run again")
-    run = load_run(args.run_dir, device=args.device, keep_start=True)
-    return diagnose(run.model, run.guide, metrics["elbos"], run.start_log_scales, metrics["elbo_window"])
+    with loaded_run(args, keep_start=True) as run:
+        return diagnose(run.model, run.guide, metrics["elbos"], run.start_log_scales, metrics["elbo_window"])
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
-    run = load_run(args.run_dir, device=args.device)
-    corpus = load_corpus(run.config, run.tokenizer, args.data)
-    # another file is scored whole; the run's own data on its test split
-    split = "test" if args.data is None else "all"
-    if not corpus.documents(split):
-        raise DataError("the run's test split is empty (test_size 0, or every task too small for a test "
-                        "document); score another file with --data FILE")
-    report = evaluate(run.model, run.guide, corpus, split, batch_size=args.batch_size)
+    with loaded_run(args) as run:
+        corpus = load_corpus(run.config, run.tokenizer, args.data)
+        # another file is scored whole; the run's own data on its test split
+        split = "test" if args.data is None else "all"
+        if not corpus.documents(split):
+            raise DataError("the run's test split is empty (test_size 0, or every task too small for a test "
+                            "document); score another file with --data FILE")
+        report = evaluate(run.model, run.guide, corpus, split, batch_size=args.batch_size)
     return {
         "perplexity": report["perplexity"],
         "tokens": report["tokens"],
@@ -256,6 +257,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peft: a LoRA adapter folder; merged: the base model with the adapter merged in")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--device", default="cpu", help="device to load the run on")
+    add_task_store_argument(parser)
 
 
 def run_export(args: argparse.Namespace) -> dict:
@@ -264,13 +266,13 @@ def run_export(args: argparse.Namespace) -> dict:
     task = None if args.global_adapter or args.all_tasks else args.task
     if not args.all_tasks:
         check_request(read_config(args.run_dir), task)  # fail before loading the model
-    run = load_run(args.run_dir, device=args.device)
-    if args.all_tasks:
-        out = export_peft_all(run, args.out)
-    elif args.format == "peft":
-        out = export_peft(run, args.out, task)
-    else:
-        out = save_merged(run, args.out, task)
+    with loaded_run(args) as run:
+        if args.all_tasks:
+            out = export_peft_all(run, args.out)
+        elif args.format == "peft":
+            out = export_peft(run, args.out, task)
+        else:
+            out = save_merged(run, args.out, task)
     return {"out": str(out), "format": args.format, "task": "all" if args.all_tasks else task}
 
 
@@ -299,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate_parser.add_argument("--data", help="score every document of this file instead of the run's test split")
     evaluate_parser.add_argument("--batch-size", type=int, default=16)
     evaluate_parser.add_argument("--device", default=None)
+    add_task_store_argument(evaluate_parser)
     add_export_arguments(commands.add_parser("export", help="write a task's adapter as a peft adapter or a merged model"))
     add_predict_arguments(commands.add_parser(
         "predict", help="per-task perplexity under posterior draws of the adapters: credible intervals, BMA, as JSON"))
@@ -309,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "diagnose", help="whether a fit converged and its posterior moved from its start and prior, as JSON")
     diagnose_parser.add_argument("run_dir")
     diagnose_parser.add_argument("--device", default=None)
+    add_task_store_argument(diagnose_parser)
     args = parser.parse_args(argv)
     # the CLI prints JSON on stdout and one line per error on stderr: no loading progress bars
     transformers.utils.logging.disable_progress_bar()

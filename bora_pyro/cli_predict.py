@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyro
 
 from .cli_model import add_model_arguments, config_from_flags, model_flag_names
 from .data import Batch, MultiTaskCorpus
-from .errors import BoRAError, ConfigError, DataError
+from .errors import BoRAError, ConfigError, DataError, WriteError
 from .export import task_index
 from .generation import generate
 from .predictive import (
-    global_factors, guide_draws, new_task_calibration, new_task_factors, new_task_perplexity, posterior_factors,
-    predictive_calibration, prior_adapters, sample_perplexities, shrinkage,
+    global_factors, guide_draws, new_task_calibration, new_task_factors, new_task_perplexity, posterior_perplexities,
+    predictive_calibration, prior_adapters, shrinkage,
 )
 from .plots import plot_ppc
 from .ppc import posterior_predictive_check, task_texts
-from .run import Run, RunConfig, build_lm, load_corpus, load_run, make_dir, make_prior, read_config, write_json
+from .run import (
+    TASK_STORE_FOLDER, TASK_STORES, Run, RunConfig, build_lm, load_corpus, load_run, make_dir, make_prior, read_config,
+    write_json,
+)
+from .task_store import TASKS_PER_PASS, TaskStore
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +45,39 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                              "its S + 1 passes over the documents)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None)
+    add_task_store_argument(parser)
+
+
+def add_task_store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task-store", choices=TASK_STORES,
+                        help=f"load the run's task rows into a task store, read a pass of {TASKS_PER_PASS} tasks at a "
+                             "time (a run of more tasks than memory holds): in host memory, or in files in a "
+                             "temporary folder of RUN_DIR, removed after")
+
+
+@contextlib.contextmanager
+def loaded_run(args: argparse.Namespace, keep_start: bool = False) -> Iterator[Run]:
+    """The run in ``args.run_dir`` on ``args.device``, with ``--task-store`` its task rows in a store."""
+    if args.task_store is None:
+        yield load_run(args.run_dir, device=args.device, keep_start=keep_start)
+        return
+    read_config(args.run_dir)  # a clear error for a folder that is not a run directory
+    folder = None
+    if args.task_store == "disk":
+        try:
+            folder = tempfile.mkdtemp(prefix=f"{TASK_STORE_FOLDER}-", dir=args.run_dir)
+        except OSError as error:
+            raise WriteError(f"cannot make the task store's folder in {args.run_dir} ({error.strerror or error}): "
+                             "make the run directory writable, or use --task-store host") from None
+    store = TaskStore(folder)
+    try:
+        yield load_run(args.run_dir, device=args.device, keep_start=keep_start, task_store=store)
+    finally:
+        try:
+            store.close()
+        finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_sampling(samples: int, interval: float) -> None:
@@ -48,7 +89,15 @@ def check_sampling(samples: int, interval: float) -> None:
 
 def run_predict(args: argparse.Namespace) -> dict:
     check_sampling(args.samples, args.interval)
-    run = load_run(args.run_dir, device=args.device)
+    if args.task_store is not None and (args.shrinkage or args.calibration):
+        raise ConfigError("--shrinkage and --calibration draw every task at once, which --task-store is for avoiding: "
+                          "add --no-calibration and leave out --shrinkage, or load the run without --task-store")
+    with loaded_run(args) as run:
+        return predict(run, args)
+
+
+def predict(run: Run, args: argparse.Namespace) -> dict:
+    """``predict``'s JSON for a loaded run."""
     run_tasks = run.config.task_names
     if args.data is None:
         corpus = load_corpus(run.config, run.tokenizer)
@@ -68,10 +117,8 @@ def run_predict(args: argparse.Namespace) -> dict:
     pyro.set_rng_seed(args.seed)
     output: dict = {"perplexity": None, "tasks": {}, "samples": args.samples, "interval": args.interval}
     if seen:
-        report = sample_perplexities(
-            run.lm, posterior_factors(run.model, run.guide, Batch.probe(device=run.lm.device), args.samples), seen,
-            run_tasks, corpus.pad_token_id, plugin=run.model.task_factors(run.guide.median()),
-            interval=args.interval, batch_size=args.batch_size)
+        report = posterior_perplexities(run.model, run.guide, seen, run_tasks, corpus.pad_token_id, args.samples,
+                                        args.interval, args.batch_size)
         output |= {"perplexity": report["perplexity"], "tasks": report["tasks"]}
     if unseen_names:
         report = new_task_perplexity(run.model, run.guide, unseen, unseen_names, corpus.pad_token_id,

@@ -102,12 +102,19 @@ class Batch:
         return self.shard_of.num_shards * len(self.task_ids) / len(self.shard_of.task_ids)
 
     @classmethod
-    def probe(cls, token_id: int = 0, device: torch.device | str = "cpu") -> Batch:
+    def probe(cls, token_id: int = 0, device: torch.device | str = "cpu", tasks: Sequence[int] | None = None) -> Batch:
         """One two-token document of task 0: enough to run a guide (its sites do not depend on the
-        data), e.g. to create its parameters or draw from it."""
-        ids = torch.full((1, 2), token_id, dtype=torch.long, device=device)
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        return cls(ids, torch.ones_like(ids), zero, zero, 1)
+        data), e.g. to create its parameters or draw from it. With ``tasks``, one such document per
+        task, in a tasks plate of those tasks alone (``task_sizes`` set): the guide then draws (or
+        reads from its task store) their rows only, not all D tasks'."""
+        if tasks is None:
+            ids = torch.full((1, 2), token_id, dtype=torch.long, device=device)
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            return cls(ids, torch.ones_like(ids), zero, zero, 1)
+        task_ids = torch.tensor(list(tasks), dtype=torch.long, device=device)
+        ids = torch.full((len(task_ids), 2), token_id, dtype=torch.long, device=device)
+        return cls(ids, torch.ones_like(ids), task_ids, torch.arange(len(task_ids), device=device), len(task_ids),
+                   torch.ones_like(task_ids))
 
     @property
     def num_predicted_tokens(self) -> int:

@@ -17,6 +17,7 @@ sites (a latent τ) get their posterior median and 90 % interval.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Sequence
@@ -26,10 +27,13 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoGuideList
 
 from .convergence import elbo_trend
-from .guides import quantiles
+from .guides import only_tasks, quantiles
 from .guides.structured import ConjugateTaskNormal
-from .guides.taskwise import TaskwiseNormal, unconstrained_prior_sd
-from .models.priors import FACTORS, PACKED, HierarchicalNormal, factor_layout, is_factor_site, latent_sites
+from .guides.taskwise import TaskwiseNormal, rows_key, unconstrained_prior_sd
+from .models.priors import (
+    FACTORS, PACKED, HierarchicalNormal, factor_layout, is_factor_site, latent_sites, subsampled,
+)
+from .task_store import StoredRows, guide_task_store, task_passes
 
 MOVED = math.log(2)  #: a scale "moved" when its log left its start by more than this
 
@@ -40,16 +44,37 @@ def normal_parts(guide) -> list[TaskwiseNormal]:
     return [part for part in parts if isinstance(part, TaskwiseNormal)]
 
 
-def site_log_scales(guide) -> dict[str, torch.Tensor]:
+def site_log_scales(guide) -> dict[str, torch.Tensor | None]:
     """Copies of the guide's log σ per mean-field site, stacked over all tasks ([D, ...] for a task
-    site); for a :class:`~bora_pyro.guides.structured.ConjugateTaskNormal`, the log sd of its
+    site): a fit's start, for ``scales_moved``. None for a site whose rows a task store holds: not
+    copied, as they start where the store started them (:meth:`StoredRows.start`, read a pass at a
+    time). For a :class:`~bora_pyro.guides.structured.ConjugateTaskNormal`, the log sd of its
     factor sites' conditionals (:meth:`marginals`) and its hyperparameters' log σ."""
     if isinstance(guide, ConjugateTaskNormal):
         with torch.no_grad():
             factors = {name: sd.log().clone() for name, (_, sd) in guide.marginals().items()}
         return factors | (site_log_scales(guide.hyper) if guide.hyper is not None else {})
-    return {name: part._get_loc_and_scale(name)[1].detach().log().clone()
-            for part in normal_parts(guide) for name, _ in part.prototype_trace.iter_stochastic_nodes()}
+    stored = stored_log_scales(guide)
+    return {name: None for name in stored} | log_scales(guide, skip=stored)
+
+
+def log_scales(guide, skip=()) -> dict[str, torch.Tensor]:
+    """The guide's log σ per mean-field site but those in ``skip`` (within :func:`only_tasks`, the
+    task sites' rows of those tasks)."""
+    return {name: part._get_loc_and_scale(name)[1].detach().log()
+            for part in normal_parts(guide) for name, _ in part.prototype_trace.iter_stochastic_nodes()
+            if name not in skip}
+
+
+def stored_log_scales(guide) -> dict[str, StoredRows]:
+    """The mean-field sites whose log σ rows a task store holds: their :class:`StoredRows`."""
+    found = {}
+    for part in normal_parts(guide):
+        rows = part.task_rows("task_log_scales")
+        for name, _ in part.prototype_trace.iter_stochastic_nodes():
+            if rows_key(name) in rows and isinstance(rows[rows_key(name)], StoredRows):
+                found[name] = rows[rows_key(name)]
+    return found
 
 
 def entry_groups(prior, modules, name: str) -> list[tuple[str, slice]]:
@@ -71,40 +96,56 @@ def entry_groups(prior, modules, name: str) -> list[tuple[str, slice]]:
     return [(f"task.{group_of(module, factor)}", slice(None))]
 
 
-def conditional_prior_sds(model, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every latent site's prior sd given the other sites at ``values`` (inf where flat)."""
+def conditional_prior_sds(model, values: dict[str, torch.Tensor],
+                          tasks: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Every latent site's prior sd given the other sites at ``values`` (inf where flat); with
+    ``tasks``, of those tasks' rows (``values`` holding theirs only, as within :func:`only_tasks`)."""
+    plate = model.tasks_plate() if tasks is None else subsampled(model.tasks_plate(), tasks)
     with poutine.block():
-        trace = poutine.trace(poutine.condition(model.prior, data=values)).get_trace(
-            model.lm.modules_spec, model.tasks_plate())
+        trace = poutine.trace(poutine.condition(model.prior, data=values)).get_trace(model.lm.modules_spec, plate)
     return {name: unconstrained_prior_sd(site["fn"], site["value"]) for name, site in trace.nodes.items()
             if name in values and site["type"] == "sample"}
 
 
-def site_groups(model, guide, start_log_scales: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """The ``sites`` part of :func:`diagnose`: one summary per group of factor entries."""
-    medians = {name: value.detach() for name, value in guide.median().items()}
-    prior_sds = conditional_prior_sds(model, medians)
-    log_scales = site_log_scales(guide)
+def site_groups(model, guide, start_log_scales: dict[str, torch.Tensor | None]) -> dict[str, dict]:
+    """The ``sites`` part of :func:`diagnose`: one summary per group of factor entries. A guide
+    with a task store is read a pass of :data:`~bora_pyro.task_store.TASKS_PER_PASS` tasks at a
+    time, the shared sites in the first."""
+    store = guide_task_store(guide)
+    passes = [None] if store is None or not store.sites else task_passes(model.num_tasks)
+    stored = stored_log_scales(guide)
     sums: dict[str, dict[str, float]] = {}
-    for name, prior_sd in prior_sds.items():
-        if not is_factor_site(name):
-            continue
-        for group, entries in entry_groups(model.prior, model.lm.modules_spec, name):
-            total = sums.setdefault(group, {"count": 0, "prior_var": 0.0, "var": 0.0, "sd_min": math.inf,
-                                            "sd_max": 0.0, "moved": 0, "flat": False, "has_scales": False})
-            prior_part = prior_sd[..., entries]
-            total["count"] += prior_part.numel()
-            total["flat"] |= bool(torch.isinf(prior_part).any())
-            total["prior_var"] += float(prior_part.double().square().sum())
-            if name in log_scales:
-                log_sd, start = log_scales[name][..., entries], start_log_scales[name][..., entries]
-                sd = log_sd.double().exp()
-                total["has_scales"] = True
-                total["var"] += float(sd.square().sum())
-                total["sd_min"] = min(total["sd_min"], float(sd.min()))
-                total["sd_max"] = max(total["sd_max"], float(sd.max()))
-                total["moved"] += int(((log_sd - start).abs() > MOVED).sum())
+    for tasks in passes:
+        with contextlib.nullcontext() if tasks is None else store.holding(), only_tasks(guide, tasks):
+            medians = {name: value.detach() for name, value in guide.median().items()}
+            scales = site_log_scales(guide) if tasks is None else log_scales(guide)  # also a ConjugateTaskNormal's
+        for name, prior_sd in conditional_prior_sds(model, medians, tasks).items():
+            if not is_factor_site(name) or (tasks is not None and tasks.start > 0 and name in model.shared_site_names):
+                continue
+            start = start_log_scales.get(name)
+            if start is None and name in stored:  # a store's rows start where it started them
+                start = stored[name].start(tasks)
+            for group, entries in entry_groups(model.prior, model.lm.modules_spec, name):
+                add_entries(sums.setdefault(group, {"count": 0, "prior_var": 0.0, "var": 0.0, "sd_min": math.inf,
+                                                    "sd_max": 0.0, "moved": 0, "flat": False, "has_scales": False}),
+                            prior_sd[..., entries], scales[name][..., entries] if name in scales else None,
+                            start[..., entries] if name in scales else None)
     return {group: summary(total) for group, total in sums.items()}
+
+
+def add_entries(total: dict, prior_sd: torch.Tensor, log_sd: torch.Tensor | None, start: torch.Tensor | None) -> None:
+    """Add a site's entries of one group to the group's sums: their prior sds, and their log σ and
+    its start (None for a point mass)."""
+    total["count"] += prior_sd.numel()
+    total["flat"] |= bool(torch.isinf(prior_sd).any())
+    total["prior_var"] += float(prior_sd.double().square().sum())
+    if log_sd is not None:
+        sd = log_sd.double().exp()
+        total["has_scales"] = True
+        total["var"] += float(sd.square().sum())
+        total["sd_min"] = min(total["sd_min"], float(sd.min()))
+        total["sd_max"] = max(total["sd_max"], float(sd.max()))
+        total["moved"] += int(((log_sd - start).abs() > MOVED).sum())
 
 
 def summary(total: dict) -> dict:
@@ -128,12 +169,14 @@ def hyperparameters(model, guide) -> dict[str, dict]:
              if not is_factor_site(name)]
     if not names:
         return {}
-    values = quantiles(guide, [0.05, 0.5, 0.95])
+    store = guide_task_store(guide)
+    with only_tasks(guide, None if store is None else [0]):  # a store's task rows: one task's, not all D
+        values = quantiles(guide, [0.05, 0.5, 0.95])
     return {name: {"median": float(values[name][1]), "ci90": [float(values[name][0]), float(values[name][2])]}
             for name in names}
 
 
-def diagnose(model, guide, elbos: Sequence[float], start_log_scales: dict[str, torch.Tensor],
+def diagnose(model, guide, elbos: Sequence[float], start_log_scales: dict[str, torch.Tensor | None],
              elbo_window: int) -> dict:
     """``{"elbo": ..., "sites": {GROUP: ...}, "hyper": {NAME: ...}}`` (see the module docstring):
     ``elbos`` are the fit's per-step ELBOs (:attr:`~bora_pyro.fit.FitResult.elbos`),

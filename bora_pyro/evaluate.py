@@ -3,8 +3,8 @@
 Perplexity = exp(total NLL / number of predicted tokens), per task and over all tasks.
 
 A guide whose tasks live in a task store (:mod:`bora_pyro.task_store`) is evaluated
-:data:`TASKS_PER_PASS` tasks at a time: the device then holds the factors of those tasks only,
-and the store is read once, not all D rows at once.
+:data:`~bora_pyro.task_store.TASKS_PER_PASS` tasks at a time: the device then holds the factors
+of those tasks only, and the store is read once, not all D rows at once.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ from . import distributed
 from .allocator import reuse_large_blocks
 from .data import DocumentSet
 from .guides import only_tasks
-from .task_store import guide_task_store
+from . import task_store
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-
-#: Tasks whose factors one pass of :func:`evaluate` holds on the device, for a guide with a task store.
-TASKS_PER_PASS = 64
 
 
 @torch.no_grad()
@@ -85,18 +82,19 @@ def evaluate_factors(lm, factors: Factors | None, corpus, split: str = "test", b
 
 def evaluate(model, guide, corpus, split: str = "test", batch_size: int = 16) -> dict:
     """The report of :func:`evaluate_factors` under the guide's posterior median (= mean for
-    AutoNormal, the MAP for AutoDelta); for a guide with a task store, :data:`TASKS_PER_PASS`
-    tasks at a time."""
-    store = guide_task_store(guide)
+    AutoNormal, the MAP for AutoDelta); for a guide with a task store,
+    :data:`~bora_pyro.task_store.TASKS_PER_PASS` tasks at a time."""
+    store = task_store.guide_task_store(guide)
+    per_pass = task_store.TASKS_PER_PASS
     if store is None or not store.sites:
         return evaluate_factors(model.lm, model.task_factors(guide.median()), corpus, split, batch_size)
     documents = corpus.documents(split)
     log_probs, tokens = torch.zeros(len(documents)), torch.zeros(len(documents), dtype=torch.long)
     by_pass: dict[int, list[int]] = {}  # the documents of each pass's tasks, in their order
     for n, task in enumerate(documents.task_ids):
-        by_pass.setdefault(task // TASKS_PER_PASS, []).append(n)
+        by_pass.setdefault(task // per_pass, []).append(n)
     for number, rows in sorted(by_pass.items()):  # the same passes on every process of a data-parallel run
-        tasks = range(number * TASKS_PER_PASS, min((number + 1) * TASKS_PER_PASS, model.num_tasks))
+        tasks = range(number * per_pass, min((number + 1) * per_pass, model.num_tasks))
         with only_tasks(guide, tasks):
             factors = model.task_factors(guide.median(), tasks)
         part = DocumentSet([documents.documents[n] for n in rows],

@@ -6,7 +6,8 @@ Both forms compute exactly what bora-pyro computes for that task: ``base(x) + (a
 
 - :func:`export_peft` writes ``adapter_config.json`` and ``adapter_model.safetensors`` in peft's
   LoRA format (``PeftModel.from_pretrained(base, folder)`` loads it). peft itself is not needed.
-- :func:`export_peft_all` writes one such folder per task, plus the global adapter.
+- :func:`export_peft_all` writes one such folder per task, plus the global adapter (reading a
+  guide's task store :data:`~bora_pyro.task_store.TASKS_PER_PASS` tasks at a time).
 - :func:`merge` returns a fresh copy of the base model with ``W += (alpha/r)·B A`` in its weights.
 """
 
@@ -29,8 +30,10 @@ from transformers.pytorch_utils import Conv1D
 from .adapted_lm import load_causal_lm
 from .gguf import resolve_base
 from .errors import ConfigError, WriteError, first_line
+from .guides import only_tasks
 from .predictive import global_factors
 from .run import Run, RunConfig, atomic_write, make_dir, write_json
+from .task_store import task_passes
 
 ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 INDEX_FILE = "index.json"
@@ -72,11 +75,12 @@ def adapter_factors(run: Run, task: str | None = None) -> Adapter:
             (``independent``).
     """
     check_request(run.config, task)
-    values = run.guide.median()
     if task is None:
-        return row_adapter(global_factors(run.model, values), 0)
-    with torch.no_grad():
-        return row_adapter(run.model.task_factors(values), task_index(run.config, task))
+        with only_tasks(run.guide, [0]):  # the task sites' rows of one task, not D (a task store's)
+            return row_adapter(global_factors(run.model, run.guide.median()), 0)
+    index = task_index(run.config, task)
+    with torch.no_grad(), only_tasks(run.guide, [index]):
+        return row_adapter(run.model.task_factors(run.guide.median(), [index]), 0)
 
 
 def row_adapter(factors, index: int) -> Adapter:
@@ -159,15 +163,17 @@ def export_peft_all(run: Run, out_dir: str | Path) -> Path:
     (if the prior has one) in ``out_dir/global/``, and ``out_dir/index.json`` mapping each task name
     to its folder. Returns ``out_dir``."""
     out_dir = Path(out_dir)
-    values = run.guide.median()
-    with torch.no_grad():
-        factors = run.model.task_factors(values)
     taken: set[str] = set()
     index: dict = {"tasks": {}, "global": None}
-    for i, task in enumerate(run.config.task_names):
-        folder = Path("tasks") / folder_name(task, taken)
-        write_peft_adapter(run, row_adapter(factors, i), out_dir / folder)
-        index["tasks"][task] = folder.as_posix()
+    for tasks in task_passes(run.model.num_tasks):  # a task store's rows a pass at a time
+        with torch.no_grad(), only_tasks(run.guide, tasks):
+            values = run.guide.median()
+            factors = run.model.task_factors(values, tasks)
+        for row, i in enumerate(tasks):
+            task = run.config.task_names[i]
+            folder = Path("tasks") / folder_name(task, taken)
+            write_peft_adapter(run, row_adapter(factors, row), out_dir / folder)
+            index["tasks"][task] = folder.as_posix()
     try:
         global_adapter = row_adapter(global_factors(run.model, values), 0)
     except ConfigError:  # a prior without global factors

@@ -45,7 +45,8 @@ class FitResult:
     ``stopped_by`` one of :data:`~bora_pyro.convergence.STOPPED_BY`; ``elbos`` every step's ELBO
     estimate and ``elbo_trend`` their trend at the end over the last ``elbo_window`` steps; ``still_improving``: the cap stopped a fit
     that was improving (see :func:`~bora_pyro.convergence.cap_warning`); ``start_log_scales``:
-    the guide's log σ per site at the start (:func:`~bora_pyro.diagnostics.site_log_scales`)."""
+    the guide's log σ per site at the start (:func:`~bora_pyro.diagnostics.site_log_scales`; None
+    for a site in a task store, which keeps its rows' start itself)."""
 
     steps: int
     best_step: int
@@ -55,7 +56,7 @@ class FitResult:
     elbo_trend: ElboTrend | None = None
     still_improving: bool = False
     elbo_window: int = 0
-    start_log_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    start_log_scales: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def stopped_early(self) -> bool:

@@ -6,6 +6,8 @@ number of samples S (``pyro.infer.Predictive`` would hold all S at once, plus th
 auxiliary sites).
 
 - :func:`posterior_factors`: S draws of every task's factors [D, ...].
+- :func:`posterior_perplexities`: per-task perplexity under S draws (mean, median, credible
+  interval, model average, plug-in), a task store's guide read a pass of tasks at a time.
 - :func:`predictive_perplexity`: per-task perplexity under S draws (mean, median, credible
   interval), the Bayesian model average (log-mean-exp over draws per document) and the plug-in
   perplexity at the guide's median (the posterior mean for AutoNormal's Normal sites, the MAP
@@ -34,8 +36,10 @@ from .calibration import Scores, calibration, replayable, score
 from .data import Batch, DocumentSet
 from .errors import ConfigError
 from .evaluate import Factors, document_log_probs
+from .guides import only_tasks
 from .models import BoRA
 from .models.priors import PACKED, factor_layout
+from .task_store import guide_task_store, task_passes
 
 #: A draw of every latent site of a guide: site name → value.
 SiteValues = Mapping[str, torch.Tensor]
@@ -145,38 +149,105 @@ def sample_perplexities(
         log (1/S) Σ_s p(doc | θ_s) over the documents), ``plugin`` and ``tokens``. Memory does not
         grow with S: per draw only its per-task log-likelihood sums are kept.
     """
-    if not 0 < interval < 1:
-        raise ConfigError(f"interval must be between 0 and 1, got {interval}; e.g. interval=0.9")
-    task_ids = torch.as_tensor(documents.task_ids, dtype=torch.long)
-    num_groups = len(task_names) + 1  # the tasks, then all documents together
-    groups = torch.stack([task_ids, torch.full_like(task_ids, num_groups - 1)])  # [2, N]
-    per_draw: list[torch.Tensor] = []  # S × [groups] log-likelihood sums
-    running = torch.full((len(documents),), -math.inf, dtype=torch.float64)  # log Σ_s p(doc | θ_s)
-    tokens = None
+    sums = DrawSums(documents, task_names, interval)
     with reuse_large_blocks(lm.device):  # a draw's [D, P] tensors reuse the memory of the draw before
-        for factors in draws:
-            log_probs, tokens = document_log_probs(lm, factors, documents, pad_token_id, batch_size)
-            running = torch.logaddexp(running, log_probs.double())
-            per_draw.append(group_sums(log_probs.double(), groups, num_groups))
+        for draw, factors in enumerate(draws):
+            sums.add(draw, *document_log_probs(lm, factors, documents, pad_token_id, batch_size))
             del factors  # before the next draw is made
-    if not per_draw:
-        raise ConfigError("no draws of the adapters: ask for at least one sample")
-    num_samples = len(per_draw)
-    token_sums = group_sums(tokens.double(), groups, num_groups)
-    sample_ppl = torch.exp(-torch.stack(per_draw) / token_sums.clamp(min=1))  # [S, groups]
-    bma_ppl = torch.exp(-(group_sums(running - math.log(num_samples), groups, num_groups)) / token_sums.clamp(min=1))
-    plugin_ppl = None
     if plugin is not None:
-        plugin_log_probs, _ = document_log_probs(lm, plugin, documents, pad_token_id, batch_size)
-        plugin_ppl = torch.exp(-group_sums(plugin_log_probs.double(), groups, num_groups) / token_sums.clamp(min=1))
+        sums.add_plugin(document_log_probs(lm, plugin, documents, pad_token_id, batch_size)[0])
+    return sums.report()
 
-    def entry(group: int) -> dict:
-        return summarize(sample_ppl[:, group], float(bma_ppl[group]),
-                         None if plugin_ppl is None else float(plugin_ppl[group]), int(token_sums[group]), interval)
 
-    return {"perplexity": entry(num_groups - 1),
-            "tasks": {name: entry(d) for d, name in enumerate(task_names) if token_sums[d] > 0},
-            "samples": num_samples}
+@torch.no_grad()
+def posterior_perplexities(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
+                           num_samples: int = 32, interval: float = 0.9, batch_size: int = 16) -> dict:
+    """:func:`sample_perplexities` of ``num_samples`` posterior draws, with the guide's median as
+    the plug-in. A guide with a task store is read :data:`~bora_pyro.task_store.TASKS_PER_PASS`
+    tasks at a time: a pass draws its tasks' rows S times and scores their documents, so memory
+    holds K tasks' factors, not D. Draw s of every pass takes the shared sites (Θ, τ, …) of the
+    first pass's draw s, so each draw is one joint draw of all tasks (the store's guides are
+    mean-field in the tasks: their rows do not depend on Θ's draw)."""
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be ≥ 1, got {num_samples}: ask for at least one draw")
+    store = guide_task_store(guide)
+    if store is None or not store.sites:
+        draws = posterior_factors(model, guide, Batch.probe(device=model.lm.device), num_samples)
+        return sample_perplexities(model.lm, draws, documents, task_names, pad_token_id,
+                                   plugin=model.task_factors(guide.median()), interval=interval, batch_size=batch_size)
+    sums = DrawSums(documents, task_names, interval)
+    by_task: dict[int, list[int]] = {}
+    for n, task in enumerate(documents.task_ids):
+        by_task.setdefault(task, []).append(n)
+    shared: list[SiteValues] = []  # draw s → its shared sites
+    for tasks in task_passes(model.num_tasks):
+        rows = [n for task in tasks for n in by_task.get(task, [])]
+        if not rows:
+            continue
+        part = DocumentSet([documents.documents[n] for n in rows], [documents.task_ids[n] - tasks.start for n in rows])
+        probe = Batch.probe(device=model.lm.device, tasks=tasks)
+        with store.holding(), reuse_large_blocks(model.lm.device):  # the pass's rows read once for its S draws
+            for draw, values in enumerate(guide_draws(guide, probe, num_samples)):
+                if draw == len(shared):
+                    shared.append({name: values[name] for name in model.shared_site_names if name in values})
+                factors = model.task_factors(values | shared[draw], tasks)
+                sums.add(draw, *document_log_probs(model.lm, factors, part, pad_token_id, batch_size), rows)
+            with only_tasks(guide, tasks):
+                plugin = model.task_factors(guide.median(), tasks)
+        sums.add_plugin(document_log_probs(model.lm, plugin, part, pad_token_id, batch_size)[0], rows)
+    return sums.report()
+
+
+class DrawSums:
+    """What :func:`sample_perplexities` keeps of S draws over a set of N documents, whether a draw
+    scores them all at once or a part at a time: per draw its per-task log-likelihood sums, per
+    document log Σ_s p(doc | θ_s), and the plug-in's log-likelihood."""
+
+    def __init__(self, documents: DocumentSet, task_names: Sequence[str], interval: float):
+        if not 0 < interval < 1:
+            raise ConfigError(f"interval must be between 0 and 1, got {interval}; e.g. interval=0.9")
+        task_ids = torch.as_tensor(documents.task_ids, dtype=torch.long)
+        self.task_names, self.interval = task_names, interval
+        self.num_groups = len(task_names) + 1  # the tasks, then all documents together
+        self.groups = torch.stack([task_ids, torch.full_like(task_ids, self.num_groups - 1)])  # [2, N]
+        self.per_draw: list[torch.Tensor] = []  # S × [groups] log-likelihood sums
+        self.running = torch.full((len(documents),), -math.inf, dtype=torch.float64)  # log Σ_s p(doc | θ_s)
+        self.tokens = torch.zeros(len(documents), dtype=torch.long)
+        self.plugin: torch.Tensor | None = None
+
+    def add(self, draw: int, log_probs: torch.Tensor, tokens: torch.Tensor, rows: list[int] | None = None) -> None:
+        """Draw ``draw``'s log-likelihoods [K] and predicted tokens [K] of documents ``rows`` (all: None)."""
+        rows = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        if draw == len(self.per_draw):
+            self.per_draw.append(torch.zeros(self.num_groups, dtype=torch.float64))
+        self.running[rows] = torch.logaddexp(self.running[rows], log_probs.double())
+        self.per_draw[draw] += group_sums(log_probs.double(), self.groups[:, rows], self.num_groups)
+        self.tokens[rows] = tokens
+
+    def add_plugin(self, log_probs: torch.Tensor, rows: list[int] | None = None) -> None:
+        """The plug-in's log-likelihoods [K] of documents ``rows`` (all: None)."""
+        if self.plugin is None:
+            self.plugin = torch.zeros(len(self.running), dtype=torch.float64)
+        self.plugin[slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)] = log_probs.double()
+
+    def report(self) -> dict:
+        """:func:`sample_perplexities`' report."""
+        if not self.per_draw:
+            raise ConfigError("no draws of the adapters: ask for at least one sample")
+        num_samples, groups, num_groups = len(self.per_draw), self.groups, self.num_groups
+        tokens = group_sums(self.tokens.double(), groups, num_groups)
+        token_sums = tokens.clamp(min=1)
+        sample_ppl = torch.exp(-torch.stack(self.per_draw) / token_sums)  # [S, groups]
+        bma_ppl = torch.exp(-group_sums(self.running - math.log(num_samples), groups, num_groups) / token_sums)
+        plugin_ppl = None if self.plugin is None else torch.exp(-group_sums(self.plugin, groups, num_groups) / token_sums)
+
+        def entry(group: int) -> dict:
+            return summarize(sample_ppl[:, group], float(bma_ppl[group]),
+                             None if plugin_ppl is None else float(plugin_ppl[group]), int(tokens[group]), self.interval)
+
+        return {"perplexity": entry(num_groups - 1),
+                "tasks": {name: entry(d) for d, name in enumerate(self.task_names) if tokens[d] > 0},
+                "samples": num_samples}
 
 
 def group_sums(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -192,11 +263,8 @@ def predictive_perplexity(model, guide, corpus, split: str = "test", num_samples
     """Per-task and overall perplexity of a split of ``corpus`` under ``num_samples`` posterior
     draws of the adapters, their Bayesian model average, and the plug-in perplexity of the guide's
     median (see :func:`sample_perplexities` for the keys). Seed with ``pyro.set_rng_seed``."""
-    batch = Batch.probe(device=model.lm.device)
-    return sample_perplexities(
-        model.lm, posterior_factors(model, guide, batch, num_samples), corpus.documents(split), corpus.task_names,
-        corpus.pad_token_id, plugin=model.task_factors(guide.median()), interval=interval, batch_size=batch_size,
-    )
+    return posterior_perplexities(model, guide, corpus.documents(split), corpus.task_names, corpus.pad_token_id,
+                                  num_samples, interval, batch_size)
 
 
 def new_task_perplexity(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
@@ -212,7 +280,9 @@ def new_task_perplexity(model, guide, documents: DocumentSet, task_names: Sequen
 def new_task_draws(model, guide, num_new: int, num_samples: int) -> Iterator[Factors]:
     """``num_samples`` draws of ``num_new`` unseen tasks' factors: each takes Θ, τ, … from a
     posterior draw and θ_new from p(θ | Θ, τ)."""
-    for values in guide_draws(guide, Batch.probe(device=model.lm.device), num_samples):
+    # only Θ, τ, … are used: a guide with a task store draws one task's rows, not D
+    probe = Batch.probe(device=model.lm.device, tasks=None if guide_task_store(guide) is None else [0])
+    for values in guide_draws(guide, probe, num_samples):
         yield new_task_factors(model, values, num_new)
 
 

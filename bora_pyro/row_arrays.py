@@ -151,8 +151,10 @@ class FileRows:
         self.row_bytes = 4 * math.prod(self.row_shape)
         self.stride = -(-self.row_bytes // BLOCK) * BLOCK
         self.reads: dict[int, Future] = {}  # rows being read ahead (will_need), not yet taken
+        self.stale_reads: list[Future] = []  # reads ahead that a write made stale, maybe still running
         self.writes: dict[int, Future] = {}  # each row's last write, until seen done
-        self.fd = None
+        self.aliased: set[int] = set()  # rows whose last write reads the caller's tensor (put)
+        self.pid, self.fd = os.getpid(), None
         with self.io_errors("create"):
             self.fd, self.direct = open_direct(self.path)
             os.ftruncate(self.fd, self.stride * self.shape[0])
@@ -160,7 +162,8 @@ class FileRows:
     def close(self) -> None:
         """Close the file once every transfer has ended (a failed write's error is lost: see :meth:`settle`)."""
         if self.fd is not None:
-            futures.wait([*self.reads.values(), *self.writes.values()])
+            if os.getpid() == self.pid:  # a forked process has none of its parent's transfers running
+                futures.wait([*self.reads.values(), *self.stale_reads, *self.writes.values()])
             os.close(self.fd)
             self.fd = None
 
@@ -208,27 +211,34 @@ class FileRows:
         else:
             self.check(task)
             self.submit_write(task, block)
+            self.aliased.add(task)
 
     def wait_written(self, task: int) -> None:
-        """Wait until row ``task``'s last write has ended (its error is raised later)."""
-        if task in self.writes:
+        """Wait until row ``task``'s last write has ended if it reads the tensor given to
+        :meth:`put` (a copied row's write does not; its error is raised later)."""
+        if task in self.aliased and task in self.writes:
             futures.wait([self.writes[task]])
 
     def own_block(self, row: torch.Tensor) -> torch.Tensor | None:
-        """The aligned block of ``stride`` bytes that ``row`` starts, if it is one of this
-        array's rows as read (float32, contiguous, on the CPU, at a :data:`BLOCK` boundary)."""
+        """The aligned block of ``stride`` bytes that ``row`` starts, if it looks like one of this
+        array's rows as read: float32, contiguous, on the CPU, at a :data:`BLOCK` boundary of a
+        storage of exactly :func:`aligned_empty`'s size (not a view into some larger tensor)."""
         row = row.detach()
         start = row.storage_offset() * row.element_size()
         if (row.device.type != "cpu" or row.dtype != torch.float32 or not row.is_contiguous()
                 or tuple(row.shape) != self.row_shape or row.data_ptr() % BLOCK
-                or row.untyped_storage().nbytes() < start + self.stride):
+                or row.untyped_storage().nbytes() != self.stride + BLOCK):
             return None
         return torch.empty(0, dtype=torch.uint8).set_(row.untyped_storage(), start, (self.stride,))
 
     def submit_write(self, task: int, block: torch.Tensor) -> None:
         """Write ``block`` as row ``task`` on the IO threads, after the row's last write."""
         self.raise_failed_writes()
-        self.reads.pop(task, None)  # read before this write: stale
+        stale = self.reads.pop(task, None)  # read before this write
+        if stale is not None and not stale.cancel():
+            self.stale_reads.append(stale)  # running: the file stays open until it ends
+        self.stale_reads = [read for read in self.stale_reads if not read.done()]
+        self.aliased.discard(task)
         self.writes[task] = io_threads().submit(self.write, task, block, self.writes.get(task))
         write_behind().add(self.writes[task], self.stride)
 
@@ -245,8 +255,8 @@ class FileRows:
         """Every write on disk (as far as the OS knows; a failed one raises here), nothing read ahead."""
         for read in self.reads.values():
             read.cancel()
-        futures.wait([*self.reads.values(), *self.writes.values()])
-        self.reads = {}
+        futures.wait([*self.reads.values(), *self.stale_reads, *self.writes.values()])
+        self.reads, self.stale_reads = {}, []
         self.raise_failed_writes()
 
     def raise_failed_writes(self) -> None:
@@ -262,14 +272,14 @@ class FileRows:
     # On the IO threads:
 
     def read(self, task: int, block: torch.Tensor, after: Future | None) -> torch.Tensor:
-        if after is not None:
-            futures.wait([after])  # its error is the write's to raise
+        if after is not None and after.exception() is not None:  # waits for it: a row is read after its write
+            raise after.exception()  # not the row as it was before the write
         self.transfer(os.preadv, block, task)
         return block[:self.row_bytes].view(torch.float32).view(self.row_shape)
 
     def write(self, task: int, block: torch.Tensor, after: Future | None) -> None:
         if after is not None:
-            futures.wait([after])
+            futures.wait([after])  # its error is its own to raise
         self.transfer(os.pwritev, block, task)
 
     def transfer(self, call: Callable, block: torch.Tensor, task: int) -> None:

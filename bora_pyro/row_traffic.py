@@ -66,7 +66,7 @@ class RowTraffic:
         wanted = [(rows, array, task) for rows in sites.values() for task in tasks if task not in skip
                   for array in ("values", *(MOMENTS if rows.steps[task] > 0 else ()))]
         self.prepared = {(rows.key, array, task) for rows, array, task in wanted}
-        copied = []  # pinned rows for a GPU's copy stream; the others' reads are only hinted
+        copied = []  # pinned rows for a GPU's copy stream; the others' arrays read them ahead themselves
         for rows, array, task in wanted:
             if self.copy_stream is not None and rows.array(array).pinned:
                 copied.append((rows, array, task))

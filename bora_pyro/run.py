@@ -27,12 +27,13 @@ import transformers
 from . import __version__, distributed
 from .adapted_lm import MultiTaskLM, check_vocabulary, load_tokenizer, weights_fingerprint
 from .data import Batch, MultiTaskCorpus
-from .errors import CheckpointError, ConfigError, WriteError, first_line
+from .errors import BoRAError, CheckpointError, ConfigError, WriteError, first_line
 from .diagnostics import site_log_scales
 from .fit import TrainState, check_fit_settings
 from .guides import hybrid_guide, map_guide, mean_field_guide
 from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperprior
-from .task_store import TaskStore
+from .guide_file import load_guide, save_guide
+from .task_store import TaskStore, guide_task_store
 
 CONFIG_FILE, GUIDE_FILE, METRICS_FILE = "config.json", "guide.safetensors", "metrics.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -324,10 +325,15 @@ def check_base_model(config: RunConfig, lm: MultiTaskLM) -> None:
 
 
 def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None) -> Path:
-    """Write config, guide parameters and metrics into ``run_dir`` (created if needed)."""
+    """Write config, guide parameters and metrics into ``run_dir`` (created if needed); a guide
+    with a task store a task's row at a time (:func:`~bora_pyro.guide_file.save_guide`)."""
     run_dir = save_config(run_dir, config)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in guide.state_dict().items()}
-    atomic_write(run_dir / GUIDE_FILE, lambda temp: safetensors.torch.save_file(state, temp))
+    store = guide_task_store(guide)
+    if store is not None and store.sites:
+        atomic_write(run_dir / GUIDE_FILE, lambda temp: save_guide(guide, temp))
+    else:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in guide.state_dict().items()}
+        atomic_write(run_dir / GUIDE_FILE, lambda temp: safetensors.torch.save_file(state, temp))
     if metrics is not None:
         write_json(run_dir / METRICS_FILE, metrics)
     return run_dir
@@ -352,28 +358,45 @@ def build_model(config: RunConfig, lm: MultiTaskLM, task_store: TaskStore | None
 
 
 def init_guide(guide, lm: MultiTaskLM, eos_token_id: int) -> None:
-    """Create the guide's parameters by running it once on a two-token document of task 0."""
+    """Create the guide's parameters by running it once on a two-token document of task 0 (for a
+    guide with a task store, in a tasks plate of that task alone: the guide's prototype then holds
+    one task's values, not D tasks')."""
     with torch.no_grad():
-        guide(Batch.probe(eos_token_id, lm.device))
+        guide(Batch.probe(eos_token_id, lm.device, tasks=None if guide_task_store(guide) is None else [0]))
 
 
-def load_run(run_dir: str | Path, device: str | None = None, keep_start: bool = False) -> Run:
+def load_run(run_dir: str | Path, device: str | None = None, keep_start: bool = False,
+             task_store: TaskStore | None = None) -> Run:
     """Rebuild a fitted run from its directory (on ``device``, default the run's); with
-    ``keep_start``, also the guide's start scales (the guide starts the same way in every build)."""
+    ``keep_start``, also the guide's start scales (the guide starts the same way in every build);
+    with ``task_store``, the guide's task rows go into it a task at a time (for runs of more tasks
+    than memory holds: ``evaluate``, ``diagnose``, ``export_peft_all`` and
+    ``posterior_perplexities`` read it a pass of tasks at a time).
+
+    Raises:
+        CheckpointError: the run is incomplete or corrupt, or of format 1 with a ``task_store``.
+    """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if device is not None:
         config.device = device
     check_device(config.device)
+    if task_store is not None and config.format_version == 1:
+        raise CheckpointError(f"{run_dir} is of run-directory format 1, which a task store cannot load a task at "
+                              "a time: load it without a task store, or fit it again")
     lm, tokenizer = build_lm(config)
     check_base_model(config, lm)
-    model, guide = build_model(config, lm)
+    model, guide = build_model(config, lm, task_store)
     init_guide(guide, lm, tokenizer.eos_token_id)
     start_log_scales = site_log_scales(guide) if keep_start else None
-    state = read_tensors(run_dir / GUIDE_FILE, lm.device)[0]
-    if config.format_version == 1:
-        state = format_2_guide_state(state)
-    load_guide_state(guide, state, run_dir / GUIDE_FILE)
+    if task_store is not None and task_store.sites:
+        read_safetensors(run_dir / GUIDE_FILE, lambda path: load_guide(
+            guide, path, lambda state: load_guide_state(guide, state, path)))
+    else:
+        state = read_tensors(run_dir / GUIDE_FILE, lm.device)[0]
+        if config.format_version == 1:
+            state = format_2_guide_state(state)
+        load_guide_state(guide, state, run_dir / GUIDE_FILE)
     return Run(config, lm, tokenizer, model, guide, start_log_scales)
 
 
@@ -401,11 +424,21 @@ def load_guide_state(guide, state: dict[str, torch.Tensor], path: Path) -> None:
 
 def read_tensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with a one-line error for a missing or corrupt one."""
+    def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as file:
+            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+
+    return read_safetensors(path, read)
+
+
+def read_safetensors(path: Path, read):
+    """``read(path)`` of a safetensors file, with a one-line error for a missing or corrupt one."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the run directory is incomplete")
     try:
-        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as file:
-            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+        return read(path)
+    except BoRAError:  # already one line: a mismatch, a full disk under a task store
+        raise
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"cannot read {path}: {first_line(error)}; the file is truncated or corrupt: "
                               "restore it, or fit the run again") from None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import safetensors.torch
@@ -39,6 +39,17 @@ from torch import nn
 from .errors import ConfigError
 from .row_arrays import FileRows, HostRows
 from .row_traffic import MOMENTS, RowTraffic
+
+
+#: Tasks whose rows one pass over a guide with a task store holds on the device (``evaluate``,
+#: ``diagnose``, ``export_peft_all``, ``posterior_perplexities``): the store is read a pass at a
+#: time, never all D rows at once.
+TASKS_PER_PASS = 64
+
+
+def task_passes(num_tasks: int) -> list[range]:
+    """The tasks 0..D-1 in passes of :data:`TASKS_PER_PASS`."""
+    return [range(start, min(start + TASKS_PER_PASS, num_tasks)) for start in range(0, num_tasks, TASKS_PER_PASS)]
 
 
 class StoredRows(nn.Module):
@@ -59,11 +70,14 @@ class StoredRows(nn.Module):
         self.store, self.key, self.dim, self.is_location = store, key, dim, is_location
         self.device = init.device  # the guide's: where the leaves live
         rows = init.detach().movedim(dim, 0).to("cpu", torch.float32)  # [K, *row]
+        if bool((rows == rows[:1]).all()):  # every task starts alike (LoRA's init, a prior's sd): keep one row
+            rows = rows[:1]
+        self.start_rows = rows.clone()  # task d started at row d % K
         shape = (num_tasks, *rows.shape[1:])
         self.values = store.allocate(key, "values", shape, self.device)
-        for d in range(num_tasks):  # task d starts at row d % K
+        for d in range(num_tasks):
             self.values[d] = rows[d % rows.shape[0]]
-        self.moments = {name: store.allocate(key, name, shape, self.device) for name in MOMENTS}
+        self.allocated_moments: dict[str, HostRows | FileRows] = {}  # made at first use: see moments
         self.steps = torch.zeros(num_tasks)
         self.leaves: dict[int, nn.Parameter] = {}  # the tasks of the running step, on the device
         self.leaf_moments: dict[int, dict[str, torch.Tensor]] = {}  # theirs, for tasks stepped before
@@ -76,11 +90,26 @@ class StoredRows(nn.Module):
     def num_tasks(self) -> int:
         return self.values.shape[0]
 
+    @property
+    def moments(self) -> dict[str, HostRows | FileRows]:
+        """Adam's ``exp_avg`` and ``exp_avg_sq`` [D, *row], allocated at first use (a store that
+        only reads a fitted run needs none)."""
+        if not self.allocated_moments:
+            self.allocated_moments = {name: self.store.allocate(self.key, name, self.values.shape, self.device)
+                                      for name in MOMENTS}
+        return self.allocated_moments
+
     def select(self, tasks: list[int] | None = None) -> list[torch.Tensor]:
         """The rows of ``tasks`` (all D when None), in that order, on the guide's device: for given
-        tasks while gradients are on, leaves that the next optimizer step updates; else copies."""
-        if tasks is None or not torch.is_grad_enabled():  # all D: outside a step (median(), diagnostics)
-            return [self.values.get(d, self.device) for d in (range(self.num_tasks) if tasks is None else tasks)]
+        tasks while gradients are on, leaves that the next optimizer step updates; else copies
+        (read once per :meth:`TaskStore.holding` block)."""
+        if tasks is None or not torch.is_grad_enabled():  # outside a step (median(), diagnostics, draws)
+            wanted = range(self.num_tasks) if tasks is None else tasks
+            held = {} if self.store.held is None else self.store.held
+            for d in wanted:
+                if (self.key, d) not in held:
+                    held[self.key, d] = self.values.get(d, self.device)
+            return [held[self.key, d] for d in wanted]
         traffic = self.store.traffic
         for d in tasks:
             if d not in self.leaves:
@@ -88,6 +117,12 @@ class StoredRows(nn.Module):
                 if self.steps[d] > 0:
                     self.leaf_moments[d] = {name: traffic.take(self, name, d) for name in MOMENTS}
         return [self.leaves[d] for d in tasks]
+
+    def start(self, tasks: Sequence[int]) -> torch.Tensor:
+        """The rows ``tasks`` started at (before any fit), stacked along ``dim`` on the guide's
+        device: [..., K, ...], without reading the store."""
+        rows = torch.stack([self.start_rows[d % len(self.start_rows)] for d in tasks])
+        return rows.movedim(0, self.dim).to(self.device)
 
     def forward(self, tasks: list[int] | None = None) -> torch.Tensor:
         """The rows of ``tasks`` (all D when None) stacked along ``dim``: [..., K, ...]."""
@@ -142,6 +177,7 @@ class TaskStore:
         self.unsaved: set[int] = set()  # tasks stepped or snapshotted since the last checkpoint
         self.shard_steps: torch.Tensor | None = None  # [D] the checkpoint step of each task's shard; -1: none
         self.rows_in_state_dict = True
+        self.held: dict[tuple[str, int], torch.Tensor] | None = None  # rows kept by holding()
         self.traffic = RowTraffic(torch.device("cpu"))  # made again with the first site, on its device
         self.paths: set[Path] = set()
         if self.folder is not None:
@@ -156,16 +192,30 @@ class TaskStore:
         self.has_snapshot, self.changed, self.unsaved, self.shard_steps = False, set(), set(), None
 
     def close(self) -> None:
-        """Close the store's files (with ``folder``; their folder is then the caller's to remove)."""
-        self.settle()
-        for array in self.arrays():
-            if isinstance(array, FileRows):
-                array.close()
+        """Close the store's files (with ``folder``; their folder is then the caller's to remove),
+        also when a write failed (raised here)."""
+        try:
+            self.settle()
+        finally:
+            for array in self.arrays():
+                if isinstance(array, FileRows):
+                    array.close()
 
     def arrays(self) -> list[HostRows | FileRows]:
-        """Every array of the store: each site's values and moments, and the snapshot's."""
-        return [array for rows in self.sites.values() for array in (rows.values, *rows.moments.values())] + \
-            list(self.snapshot_values.values())
+        """Every array of the store: each site's values and moments (those made), and the snapshot's."""
+        return [array for rows in self.sites.values()
+                for array in (rows.values, *rows.allocated_moments.values())] + list(self.snapshot_values.values())
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Within it, a row read outside a step (a draw, a median) is read once and kept until the
+        block ends: S draws of a pass of tasks read its rows once, not S times. Nothing may write
+        the rows within it (no step)."""
+        outer, self.held = self.held, {}
+        try:
+            yield
+        finally:
+            self.held = outer
 
     def settle(self) -> None:
         """Nothing read ahead, held on the device or being written: the arrays alone hold the rows

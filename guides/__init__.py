@@ -191,10 +191,10 @@ def param_groups(guide, lr: float, log_scale_lr: float) -> list[dict]:
 
 
 @contextlib.contextmanager
-def only_tasks(guide, tasks: Sequence[int]) -> Iterator[None]:
+def only_tasks(guide, tasks: Sequence[int] | None) -> Iterator[None]:
     """Within it, ``guide.median()`` and :func:`quantiles` give the task sites' rows of ``tasks``
     only (:meth:`TaskwiseMixin.only_tasks` on every part of an ``AutoGuideList``); pass ``tasks``
-    to ``model.task_factors`` with them."""
+    to ``model.task_factors`` with them. ``tasks=None``: all tasks."""
     with contextlib.ExitStack() as stack:
         for part in guide if isinstance(guide, AutoGuideList) else [guide]:
             if isinstance(part, TaskwiseMixin):

@@ -190,10 +190,11 @@ class TaskwiseMixin:
     _only_tasks: list[int] | None = None
 
     @contextmanager
-    def only_tasks(self, tasks: Sequence[int]) -> Iterator[None]:
+    def only_tasks(self, tasks: Sequence[int] | None) -> Iterator[None]:
         """Within it, ``median()`` and ``quantiles()`` give the task sites' rows of ``tasks`` only,
-        [..., K, ...] where they give [..., D, ...] (a guide with a task store reads no other)."""
-        outer, self._only_tasks = self._only_tasks, list(tasks)
+        [..., K, ...] where they give [..., D, ...] (a guide with a task store reads no other);
+        ``tasks=None``: all of them."""
+        outer, self._only_tasks = self._only_tasks, None if tasks is None else list(tasks)
         try:
             yield
         finally:

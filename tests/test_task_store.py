@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,9 @@ import torch
 from bora_pyro import MultiTaskCorpus, MultiTaskLM, TaskStore, fit, load_tokenizer
 from bora_pyro.errors import CheckpointError, WriteError
 from bora_pyro.fit import BatchStream
+import bora_pyro.task_store as task_store_module
 from bora_pyro.row_arrays import FileRows
+from bora_pyro.task_store import StoredRows
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, only_tasks
 from bora_pyro.models import BoRA, HierarchicalNormal
 from bora_pyro.run import (
@@ -186,6 +187,89 @@ def test_the_cli_fits_with_a_store_on_disk_as_without_one(gpt2_dir, tmp_path):
     assert not (stored / TASK_STORE_FOLDER / "rank0").exists()  # the working files, removed once the run is saved
 
 
+def test_evaluate_export_and_diagnose_load_a_run_into_a_store_and_report_as_without_it(gpt2_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """``--task-store disk`` for evaluate, ``export --all-tasks`` and diagnose: the run's rows are
+    loaded into a store a row at a time and read a pass at a time (2 tasks here); the outputs
+    are those of the run loaded whole, and the store's files are gone after."""
+    from safetensors.torch import load_file
+
+    from bora_pyro.cli import main
+
+    monkeypatch.setattr(task_store_module, "TASKS_PER_PASS", 2)
+    run = fit_synthetic_run(tmp_path / "run", gpt2_dir, "--guide", "mean-field", "--eval-every", "4", num_tasks=5)
+    capsys.readouterr()
+    reads, select = [], StoredRows.select
+    monkeypatch.setattr(StoredRows, "select", lambda rows, tasks=None: reads.append(tasks) or select(rows, tasks))
+    outputs = []
+    for store in ([], ["--task-store", "disk"]):
+        out = tmp_path / f"adapters{len(store)}"
+        outputs.append([])
+        for command in (["evaluate", str(run)], ["diagnose", str(run)],
+                        ["export", str(run), "--all-tasks", "--out", str(out)],
+                        ["predict", str(run), "--samples", "8", "--no-calibration"]):
+            assert main([*command, *store]) == 0
+            outputs[-1].append(json.loads(capsys.readouterr().out))
+        outputs[-1].append({path.relative_to(out).as_posix(): load_file(path) for path in out.rglob("*.safetensors")})
+    (evaluated, diagnosed, _, predicted, adapters), (evaluated_stored, diagnosed_stored, _, predicted_stored,
+                                                      adapters_stored) = outputs
+    assert predicted_stored["tasks"].keys() == predicted["tasks"].keys() and predicted_stored["samples"] == 8
+    for name, task in predicted["tasks"].items():  # other draws: the same plug-in, a mean within the interval
+        got = predicted_stored["tasks"][name]
+        assert got["plugin"] == pytest.approx(task["plugin"], rel=1e-6) and got["tokens"] == task["tokens"]
+        assert task["ci"][0] <= got["mean"] <= task["ci"][1], name
+    assert evaluated_stored == evaluated
+    assert diagnosed_stored["sites"].keys() == diagnosed["sites"].keys()
+    for group, summary in diagnosed["sites"].items():
+        assert diagnosed_stored["sites"][group] == pytest.approx(summary, rel=1e-6), group
+    assert adapters_stored.keys() == adapters.keys() and len(adapters) == 5 + 1
+    for name, tensors in adapters.items():
+        assert all(torch.equal(adapters_stored[name][key], tensors[key]) for key in tensors), name
+    assert main(["export", str(run), "--task", "task1", "--out", str(tmp_path / "task1")]) == 0
+    one = load_file(tmp_path / "task1" / "adapter_model.safetensors")
+    index = json.loads((tmp_path / "adapters2" / "index.json").read_text())  # each task's folder holds its own adapter
+    assert all(torch.equal(adapters_stored[f"{index['tasks']['task1']}/adapter_model.safetensors"][key], one[key])
+               for key in one)
+    assert main(["predict", str(run), "--task-store", "disk"]) != 0  # calibration draws every task at once
+    assert "--no-calibration" in capsys.readouterr().err
+    assert not list(run.glob(f"{TASK_STORE_FOLDER}-*"))
+    assert reads and all(tasks is not None and len(tasks) <= 2 for tasks in reads)  # only the store's reads
+
+
+def test_predictive_draws_of_a_store_pass_by_pass_share_each_draw_s_global_factors(gpt2_dir, corpus, tmp_path,
+                                                                                   monkeypatch):
+    """``posterior_perplexities`` of a store-held guide draws 2 tasks' rows at a time, reading
+    each row once for its S draws and median; draw s of every pass takes the shared sites of the
+    first pass's draw s: one joint draw of all tasks."""
+    from bora_pyro.predictive import posterior_perplexities
+    from bora_pyro.task_store import guide_task_store
+
+    monkeypatch.setattr(task_store_module, "TASKS_PER_PASS", 2)
+    lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+    model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+    guide = mean_field_guide(model, task_store=TaskStore(tmp_path))
+    with torch.no_grad():
+        guide(corpus.train.collate([0], corpus.pad_token_id))
+    reads, get = {}, FileRows.get
+    monkeypatch.setattr(FileRows, "get", lambda rows, task, device: (
+        reads.__setitem__((rows.path, task), reads.get((rows.path, task), 0) + 1), get(rows, task, device))[1])
+    calls, task_factors = [], model.task_factors
+    monkeypatch.setattr(model, "task_factors", lambda values, tasks=None: (
+        calls.append((tasks, {name: values[name].clone() for name in model.shared_site_names})),
+        task_factors(values, tasks))[1])
+    report = posterior_perplexities(model, guide, corpus.documents("test"), corpus.task_names, corpus.pad_token_id,
+                                    num_samples=3)
+    assert report["samples"] == 3 and len(report["tasks"]) == NUM_TASKS
+    draws = [call for call in calls if call[0] is not None]
+    passes = [draws[k:k + 4] for k in range(0, len(draws), 4)]  # 3 draws and the plug-in per pass
+    assert [len(tasks) for tasks, _ in draws[::4]] == [2, 2, 1]
+    assert model.shared_site_names and all(
+        all(torch.equal(part[s][1][name], passes[0][s][1][name]) for name in model.shared_site_names)
+        for part in passes for s in range(3))
+    assert not all(torch.equal(passes[0][0][1][name], passes[0][1][1][name]) for name in model.shared_site_names)
+    assert len(reads) == NUM_TASKS * len(guide_task_store(guide).sites) and set(reads.values()) == {1}  # read once
+
+
 def test_a_step_moves_the_batch_tasks_rows_and_moments_only(gpt2_dir, corpus):
     """``bytes_moved`` per step: the batch's rows to the device, their moments once they have
     some, and rows and moments back; nothing of the other tasks, and nothing to the device for
@@ -219,7 +303,7 @@ def test_file_rows_read_back_what_was_written_and_start_sparse(tmp_path, monkeyp
         monkeypatch.setattr(os, "open", lambda path, flags, *args: open_file(path, flags, *args)
                             if not flags & getattr(os, "O_DIRECT", 0) else (_ for _ in ()).throw(OSError(22, "")))
     rows = FileRows(tmp_path / "rows.f32", (1000, 64, 3))
-    assert rows.direct == direct or not hasattr(os, "O_DIRECT")
+    assert direct or not rows.direct  # (tmpfs before Linux 6.6 refuses O_DIRECT: the direct case falls back there)
     assert (tmp_path / "rows.f32").stat().st_size == 1000 * 4096  # 768-byte rows a 4096-byte block apart
     assert os.stat(tmp_path / "rows.f32").st_blocks * 512 < 64 * 3 * 4 * 10  # zeros not written cost no disk
     values = torch.randn(3, 64, 3)
@@ -380,7 +464,7 @@ def test_evaluation_reads_the_store_a_few_tasks_at_a_time_and_gives_the_same_rep
     from bora_pyro.evaluate import evaluate_factors
     from bora_pyro.task_store import guide_task_store
 
-    monkeypatch.setattr(sys.modules["bora_pyro.evaluate"], "TASKS_PER_PASS", 2)  # the module, not the function
+    monkeypatch.setattr(task_store_module, "TASKS_PER_PASS", 2)
     reference, _ = fitted(gpt2_dir, corpus, make_guide)
     lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
     model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
@@ -405,6 +489,39 @@ def test_evaluation_reads_the_store_a_few_tasks_at_a_time_and_gives_the_same_rep
         expected_median, got_median = AutoDelta.median(reference), reference.median()
         assert expected_median.keys() == got_median.keys()
         assert all(torch.equal(got_median[name], expected_median[name]) for name in expected_median)
+
+
+@pytest.mark.parametrize("make_guide", [map_guide, mean_field_guide, hybrid_guide])
+def test_diagnose_reads_the_store_a_few_tasks_at_a_time_and_gives_the_same_report(gpt2_dir, corpus, tmp_path,
+                                                                                  make_guide, monkeypatch):
+    """With a store, a fit keeps no copy of its start scales (the store's rows start where it
+    started them) and ``diagnose`` reads ``TASKS_PER_PASS`` tasks at a time (here 2 of 5); its
+    report is the in-memory fit's."""
+    from bora_pyro.diagnostics import diagnose
+    from bora_pyro.task_store import guide_task_store
+
+    monkeypatch.setattr(task_store_module, "TASKS_PER_PASS", 2)
+    reports = []
+    for task_store in (None, TaskStore(tmp_path)):
+        lm = MultiTaskLM.from_pretrained(gpt2_dir, rank=2, alpha=4)
+        model = BoRA(lm, HierarchicalNormal(30.0), corpus.num_tasks)
+        guide = make_guide(model, task_store=task_store)
+        result = fit(model, guide, corpus, steps=36, batch_size=3, lr=0.4, eval_every=6, patience=2,
+                     progress=False, seed=1)
+        read = []
+        if task_store is not None:
+            assert all(value is None for name, value in result.start_log_scales.items() if name.startswith("task."))
+            for rows in guide_task_store(guide).sites.values():
+                monkeypatch.setattr(rows, "select", lambda tasks=None, select=rows.select: read.append(tasks) or select(tasks))
+        reports.append(diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window))
+        assert task_store is None or (read and all(tasks is not None and len(tasks) <= 2 for tasks in read))
+    expected, got = reports
+    assert got["elbo"] == expected["elbo"] and got["sites"].keys() == expected["sites"].keys()
+    for group, summary in expected["sites"].items():
+        assert got["sites"][group] == {key: value if value is None else pytest.approx(value, rel=1e-6)
+                                       for key, value in summary.items()}, group
+    if make_guide is mean_field_guide:  # scales that moved, some not: the start is the store's
+        assert 0 < expected["sites"]["task"]["scales_moved"] < 1
 
 
 def test_the_factors_of_some_tasks_come_from_a_plate_on_the_model_s_device(gpt2_dir, corpus):
