@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -85,22 +85,30 @@ def evaluate(model, guide, corpus, split: str = "test", batch_size: int = 16) ->
     AutoNormal, the MAP for AutoDelta); for a guide with a task store,
     :data:`~bora_pyro.task_store.TASKS_PER_PASS` tasks at a time."""
     store = task_store.guide_task_store(guide)
-    per_pass = task_store.TASKS_PER_PASS
     if store is None or not store.sites:
         return evaluate_factors(model.lm, model.task_factors(guide.median()), corpus, split, batch_size)
     documents = corpus.documents(split)
     log_probs, tokens = torch.zeros(len(documents)), torch.zeros(len(documents), dtype=torch.long)
-    by_pass: dict[int, list[int]] = {}  # the documents of each pass's tasks, in their order
-    for n, task in enumerate(documents.task_ids):
-        by_pass.setdefault(task // per_pass, []).append(n)
-    for number, rows in sorted(by_pass.items()):  # the same passes on every process of a data-parallel run
-        tasks = range(number * per_pass, min((number + 1) * per_pass, model.num_tasks))
+    for tasks, rows, part in document_passes(documents, model.num_tasks):
         with only_tasks(guide, tasks):
             factors = model.task_factors(guide.median(), tasks)
-        part = DocumentSet([documents.documents[n] for n in rows],
-                           [documents.task_ids[n] - tasks.start for n in rows])  # task t is the factors' row t - start
         log_probs[rows], tokens[rows] = document_log_probs(model.lm, factors, part, corpus.pad_token_id, batch_size)
     return perplexity_report(log_probs, tokens, documents.task_ids, corpus.task_names)
+
+
+def document_passes(documents: DocumentSet, num_tasks: int) -> Iterator[tuple[range, list[int], DocumentSet]]:
+    """The passes of :func:`~bora_pyro.task_store.task_passes` that have documents, in order (the
+    same on every process of a data-parallel run): each pass's tasks, the indices of their
+    documents in ``documents`` (in their order), and those documents with task t as t − the pass's
+    first task (the row of the pass's factors)."""
+    by_pass: dict[int, list[int]] = {}
+    for n, task in enumerate(documents.task_ids):
+        by_pass.setdefault(task // task_store.TASKS_PER_PASS, []).append(n)
+    for number, tasks in enumerate(task_store.task_passes(num_tasks)):
+        rows = by_pass.get(number)
+        if rows:
+            yield tasks, rows, DocumentSet([documents.documents[n] for n in rows],
+                                           [documents.task_ids[n] - tasks.start for n in rows])
 
 
 def evaluate_base(lm, corpus, split: str = "test", batch_size: int = 16) -> dict:

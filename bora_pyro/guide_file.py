@@ -22,7 +22,7 @@ import safetensors
 import torch
 
 from .errors import CheckpointError
-from .task_store import StoredRows, guide_task_store, rows_left_out
+from .task_store import StoredRows, guide_task_store, rows_left_out, shared_state_dict
 
 #: torch dtype → the safetensors name of it.
 DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -40,16 +40,11 @@ def save_guide(guide, path: str | Path) -> None:
     """Write ``guide.state_dict()`` to the safetensors file ``path``, its task store's rows one at
     a time (not atomic: write to a temp file and rename it, as :func:`~bora_pyro.run.atomic_write`)."""
     rows = stored_row_keys(guide)
-    shared = {key: tensor.detach().cpu().contiguous() for key, tensor in shared_state(guide).items()}
+    shared = {key: tensor.detach().cpu().contiguous() for key, tensor in shared_state_dict(guide).items()}
     entries = [(key, tuple(tensor.shape), tensor.dtype, lambda tensor=tensor: tensor) for key, tensor in shared.items()]
     entries += [(key, stored.values.shape[1:], torch.float32, lambda stored=stored, d=d: stored.values[d])
                 for key, (stored, d) in rows.items()]
     write_tensors(path, entries)
-
-
-def shared_state(guide) -> dict[str, torch.Tensor]:
-    with rows_left_out(guide):
-        return guide.state_dict()
 
 
 def write_tensors(path: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype, Callable]]) -> None:

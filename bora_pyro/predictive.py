@@ -35,11 +35,11 @@ from .allocator import reuse_large_blocks
 from .calibration import Scores, calibration, replayable, score
 from .data import Batch, DocumentSet
 from .errors import ConfigError
-from .evaluate import Factors, document_log_probs
+from .evaluate import Factors, document_log_probs, document_passes
 from .guides import only_tasks
 from .models import BoRA
 from .models.priors import PACKED, factor_layout
-from .task_store import guide_task_store, task_passes
+from .task_store import guide_task_store
 
 #: A draw of every latent site of a guide: site name → value.
 SiteValues = Mapping[str, torch.Tensor]
@@ -176,15 +176,8 @@ def posterior_perplexities(model, guide, documents: DocumentSet, task_names: Seq
         return sample_perplexities(model.lm, draws, documents, task_names, pad_token_id,
                                    plugin=model.task_factors(guide.median()), interval=interval, batch_size=batch_size)
     sums = DrawSums(documents, task_names, interval)
-    by_task: dict[int, list[int]] = {}
-    for n, task in enumerate(documents.task_ids):
-        by_task.setdefault(task, []).append(n)
     shared: list[SiteValues] = []  # draw s → its shared sites
-    for tasks in task_passes(model.num_tasks):
-        rows = [n for task in tasks for n in by_task.get(task, [])]
-        if not rows:
-            continue
-        part = DocumentSet([documents.documents[n] for n in rows], [documents.task_ids[n] - tasks.start for n in rows])
+    for tasks, rows, part in document_passes(documents, model.num_tasks):
         probe = Batch.probe(device=model.lm.device, tasks=tasks)
         with store.holding(), reuse_large_blocks(model.lm.device):  # the pass's rows read once for its S draws
             for draw, values in enumerate(guide_draws(guide, probe, num_samples)):

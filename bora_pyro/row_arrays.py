@@ -138,9 +138,10 @@ class FileRows:
     refuses ``O_DIRECT`` (tmpfs) the same calls go through the page cache.
 
     The transfers run on :data:`IO_THREADS` threads that only wait on the disk: :meth:`will_need`
-    starts reading a row the next step will take, and a write returns once the row is copied to
-    a buffer of its own. A row is always read after the last write to it; a failed write raises
-    at the next write or at :meth:`settle`.
+    starts reading a row the next step will take; a write returns at once, from a copy of the row
+    (``rows[d] = value``) or from the row's own memory (:meth:`put`, for a row this array read). A
+    row is always read after the last write to it; a failed write raises at the next write, at
+    :meth:`settle` or at a read of that row.
     """
 
     pinned = False  # a GPU's copies from it go through pageable memory
