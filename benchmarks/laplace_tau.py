@@ -53,7 +53,8 @@ def laplace_log_evidence(log_likelihood, replications: int, tasks: int, size: in
                          tolerance: float = 1e-4) -> tuple[torch.Tensor, dict]:
     """log p(y_r | τ = e^u) by Laplace's method for every replication r and grid point u: [R, G],
     and the Newton runs' record (``newton_steps`` per grid point, ``unconverged``: the (r, u) whose
-    run hit ``max_newton``, ``not_a_maximum``: those whose J was not positive definite there).
+    run hit ``max_newton``, ``not_a_maximum``: those whose J was not positive definite there,
+    ``modes``: x̂(u) [R, n] per grid point).
 
     Newton on log p(y, x | τ) with a backtracking line search (a step that lowers it is halved,
     per replication) and, where J is not positive definite (the LM's log-likelihood need not be
@@ -71,7 +72,8 @@ def laplace_log_evidence(log_likelihood, replications: int, tasks: int, size: in
     """
     n = (tasks + 1) * size
     evidence = torch.zeros(replications, len(log_tau_grid), dtype=torch.float64)
-    record = {"newton_steps": [0] * len(log_tau_grid), "unconverged": 0, "not_a_maximum": 0}
+    record = {"newton_steps": [0] * len(log_tau_grid), "unconverged": 0, "not_a_maximum": 0,
+              "modes": [None] * len(log_tau_grid)}
 
     def log_prior(x: torch.Tensor, prior: torch.Tensor, tau: float) -> torch.Tensor:  # [R]
         return (-0.5 * (x.unsqueeze(1) @ prior @ x.unsqueeze(-1)).view(replications)
@@ -120,7 +122,7 @@ def laplace_log_evidence(log_likelihood, replications: int, tasks: int, size: in
                 break
         else:
             record["unconverged"] += int((step.abs().amax(1) >= tolerance).sum())
-        record["newton_steps"][index] = steps
+        record["newton_steps"][index], record["modes"][index] = steps, x
         value, _, precision = terms(x, prior, tau)
         logdet, info = torch.linalg.cholesky_ex(precision)
         record["not_a_maximum"] += int((info > 0).sum())

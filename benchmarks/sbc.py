@@ -33,31 +33,46 @@ ELBO, the tolerance R times one fit's) is shared. One step then costs one LM pas
 documents instead of R passes, which is what makes R ≥ 100 per guide fit in the time.
 
 Run: ``python benchmarks/sbc.py --json benchmarks/results/sbc.json --png benchmarks/results/sbc.png
---nuts 4`` (27 min for the four guides on 2 cores of an AMD EPYC, 2 workers; ``--nuts 4``: NUTS on
-the first 4 replications too, ~2 min each; ``--guides NAME --update``: rerun one guide, keep the
-file's other rows). ``--guides laplace_grid --update`` adds the exact reference of
-``laplace_tau.py`` (not a guide: τ's posterior by nested Laplace on a grid of log τ; one Newton
-run per grid point with the LM's dense Hessian in each task's factors, so it does not scale past
-a few hundred latent numbers per task; 24 min for the 100 replications on one core, while
-another job used both cores).
+--nuts 4`` (27 min for the four guides and the Laplace step on 2 cores of an AMD EPYC, 2 workers;
+``--nuts 4``: NUTS on the first 4 replications too, ~2 min each; ``--guides NAME ... --update``:
+rerun those, keep the file's other rows). ``laplace_kfac`` is the library's default posterior of
+a learned τ: the fit of ``mean_field_noncentred`` (shared with that row: one fit gives both),
+then the Laplace step of :mod:`bora_pyro.guides.laplace_tau` at its median, from each
+replication's own documents (a K-FAC quadratic likelihood in each task's factors, integrated in
+closed form over the task factors and Θ on a grid of log τ; 2 s for 50 replications).
+``--guides laplace_grid --update`` adds the exact reference of ``laplace_tau.py`` (not a guide:
+τ's posterior by nested Laplace on a grid of log τ; one Newton run per grid point with the LM's
+dense Hessian in each task's factors, so it does not scale past a few hundred latent numbers per
+task; 24 min for the 100 replications on one core, while another job used both cores).
 
 Measured (100 replications, 99 draws; p of the χ² test, coverage of the true τ by the 90 %
 interval, its mean width in log τ, mean log(median / true τ)):
 
     hybrid_offsets          p = 0        cover 0.25  width 0.39  bias +0.06   ∪: too narrow
     mean_field_offsets      p = 0        cover 0.23  width 0.40  bias +0.06   ∪: too narrow
-    mean_field_noncentred   p = 1.4e-12  cover 0.69  width 1.35  bias +0.31   τ too large (the default)
+    mean_field_noncentred   p = 1.4e-12  cover 0.69  width 1.35  bias +0.31   τ too large (the guide's own q(τ))
     conjugate_centred       p = 1.6e-8   cover 0.77  width 1.61  bias +0.31   τ too large
+    laplace_kfac            p = 0.53     cover 0.93  width 1.80  bias +0.06   passes (the default)
     laplace_grid            p = 0.62     cover 0.93  width 1.79  bias +0.03   passes (the exact reference)
 
-The reference passes, so the simulation, the model and the ranks are right and the failures are
-the guides'. No guide passes. The guides on offsets sit at the mean-field floor (width
-2·1.645·√(2/(D·P)) = 0.41) whatever the data say. The other two leave it but hardly follow the
-data: their ranks grow with the true τ (correlation 0.85; mean rank 5–8 of 99 for the fifth of
-replications with the smallest τ, 75–78 for the largest), i.e. q(τ) sits near the same place
-whatever τ made the data, narrower than the exact posterior (width 1.35–1.61 against 1.8) and
-above it. On replications 0–3 NUTS ranks the true τ at 87, 61, 73, 73 of 99, the reference at
-92, 59, 73, 78, the decentred mean-field guide at 87, 51, 69, 63.
+The reference passes, so the simulation, the model and the ranks are right. No guide's own q(τ)
+passes. The guides on offsets sit at the mean-field floor (width 2·1.645·√(2/(D·P)) = 0.41)
+whatever the data say. The other two leave it but hardly follow the data: their ranks grow with
+the true τ (correlation 0.85; mean rank 5–8 of 99 for the fifth of replications with the smallest
+τ, 75–78 for the largest), i.e. q(τ) sits near the same place whatever τ made the data, narrower
+than the exact posterior and above it. The Laplace step on the decentred mean-field fit passes,
+with the reference's width: its evidence p(y | τ) is computed, not left to the ELBO. On
+replications 0–3 NUTS ranks the true τ at 87, 61, 73, 73 of 99, the reference at 92, 59, 73, 78,
+the Laplace step at 93, 66, 77, 80 and the decentred mean-field guide's own q(τ) at 87, 51, 69, 63.
+
+What the Laplace step needs, found on these replications before it went into the library (a
+prototype, not kept): expanded at the mode of (Θ, θ) for τ at the hyperprior's median, with each
+task's dense Hessian it passes (p = 0.49), with the per-token Gauss-Newton matrix too (0.74), and
+Kronecker-factored (0.72), also with the Fisher from one drawn label per token (0.85); expanded
+at the mode for τ at e^{loc ± 1.5} it still passes (0.44–0.85). With the Hessian's diagonal
+alone it fails outright (every rank 0, τ at the grid's top): the final LayerNorm makes directions
+of the adapter's output that the likelihood cannot see, and a diagonal counts every entry as
+measured.
 
 Tried and not kept (replications 0–3 against NUTS, or 20 replications): learned per-entry
 centredness (``LocScaleReparam(None)``, centredness ends at 0.08–0.22) moves q(τ) little
@@ -96,6 +111,7 @@ from tiny_hierarchy import FixedAPrior, build_lm, fit_guide, simulate  # noqa: E
 from bora_pyro import MultiTaskLM  # noqa: E402
 from bora_pyro.data import Batch  # noqa: E402
 from bora_pyro.guides import hybrid_guide, mean_field_guide  # noqa: E402
+from bora_pyro.guides.laplace_tau import kronecker_curvature, laplace_tau  # noqa: E402
 from bora_pyro.guides.structured import conjugate_guide  # noqa: E402
 from bora_pyro.lora import AdaptedModule  # noqa: E402
 from bora_pyro.models import BoRA  # noqa: E402
@@ -262,38 +278,59 @@ GUIDES: dict[str, tuple[bool | float, Callable]] = {
 REFERENCE = "laplace_grid"
 #: Its grid of log τ: the hyperprior's loc ± 5 sd (the posterior lies well inside), 41 points.
 LAPLACE_GRID = torch.linspace(TAU_LOC - 5 * TAU_SCALE, TAU_LOC + 5 * TAU_SCALE, 41, dtype=torch.float64)
-#: What ``--guides`` may name: the guides, and the reference (run only when named).
-METHODS = [*GUIDES, REFERENCE]
-#: The library's default for a learned τ (``HierarchicalNormal(centered=LEARNED_TAU_CENTERED)``
-#: under ``learned_tau_guide``): mean-field on decentred task factors. It does not pass (see the
-#: module docstring); no guide measured here does.
-DEFAULT_GUIDE = "mean_field_noncentred"
+#: The library's default for a learned τ: the default guide's fit (mean-field on decentred task
+#: factors), then τ's posterior by the Laplace step of :mod:`bora_pyro.guides.laplace_tau` at its
+#: median, each replication's from its own documents.
+LAPLACE_STEP = "laplace_kfac"
+#: What ``--guides`` may name: the guides, the Laplace step, and the reference (run only when named).
+METHODS = [*GUIDES, LAPLACE_STEP, REFERENCE]
+#: The guide the library fits for a learned τ (``HierarchicalNormal(centered=LEARNED_TAU_CENTERED)``
+#: under ``learned_tau_guide``): mean-field on decentred task factors. Its own q(τ) fails (see the
+#: module docstring) …
+BASE_GUIDE = "mean_field_noncentred"
+#: … and the library's default for a learned τ's posterior is the Laplace step at its median.
+DEFAULT_GUIDE = LAPLACE_STEP
 
 
-def fit_chunk(guide_name: str, chunk: Chunk, seed: int) -> dict:
-    """Fit ``guide_name`` to every replication of ``chunk`` (one program) and rank the true τ
-    among ``NUM_DRAWS`` draws of q(τ) per replication."""
+def fit_chunk(fit_name: str, chunk: Chunk, seed: int, rows: Sequence[str] = ()) -> list[dict]:
+    """Fit ``fit_name`` (a guide, or the reference) to every replication of ``chunk`` (one
+    program) and rank the true τ among ``NUM_DRAWS`` draws per replication of each method of
+    ``rows`` (default ``[fit_name]``): the guide's q(τ), and for :data:`BASE_GUIDE` also
+    :data:`LAPLACE_STEP`, the Laplace step at the same fit's median."""
     start = time.perf_counter()
     torch.set_num_threads(1)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
+    rows = list(rows) or [fit_name]
     replications = len(chunk.seeds)
     lm = CachedTinyLM(build_lm(alpha=LORA_ALPHA), chunk.batch.input_ids, chunk.batch.attention_mask)
-    if guide_name == REFERENCE:
+    if fit_name == REFERENCE:
         draws, fit = laplace_draws(lm, chunk, seed)
-    else:
-        centered, make_guide = GUIDES[guide_name]
-        prior = ReplicatedPrior(FixedAPrior(hyperprior(), GLOBAL_SCALE, centered=centered), replications, NUM_TASKS)
-        model = BoRA(lm, prior, replications * NUM_TASKS)
-        guide = make_guide(model)
-        fit = fit_guide(model, guide, chunk.batch, MAX_STEPS, LR, LOG_SCALE_LR, tolerance=0.05 * replications).summary(100)
-        with torch.no_grad():
+        return [rank_row(REFERENCE, chunk, draws, fit, time.perf_counter() - start)]
+    centered, make_guide = GUIDES[fit_name]
+    prior = ReplicatedPrior(FixedAPrior(hyperprior(), GLOBAL_SCALE, centered=centered), replications, NUM_TASKS)
+    model = BoRA(lm, prior, replications * NUM_TASKS)
+    guide = make_guide(model)
+    fit = fit_guide(model, guide, chunk.batch, MAX_STEPS, LR, LOG_SCALE_LR, tolerance=0.05 * replications).summary(100)
+    results = []
+    with torch.no_grad():
+        if fit_name in rows:
             draws = torch.stack([guide(chunk.batch)["tau"] for _ in range(NUM_DRAWS)])  # [L, R]
+            results.append(rank_row(fit_name, chunk, draws, fit, time.perf_counter() - start))
+        if LAPLACE_STEP in rows:
+            draws, step = laplace_step_draws(model.task_factors(guide.median())[lm.name][1], chunk, seed)
+            results.append(rank_row(LAPLACE_STEP, chunk, draws, fit | {"laplace_step": step}, time.perf_counter() - start))
+    return results
+
+
+def rank_row(name: str, chunk: Chunk, draws: torch.Tensor, fit: dict, seconds: float) -> dict:
+    """The ranks of the true τ of ``chunk``'s replications among ``draws`` [L, R] of method ``name``,
+    and the 90 % intervals' coverage and width."""
     log_draws = draws.log()
     low, high = torch.quantile(log_draws, torch.tensor([0.05, 0.95]), dim=0)
     true_log_tau = chunk.true_tau.log()
     return {
-        "guide": guide_name,
+        "guide": name,
         "seeds": chunk.seeds,
         "ranks": (draws < chunk.true_tau).sum(0).tolist(),
         "true_tau": chunk.true_tau.tolist(),
@@ -301,7 +338,7 @@ def fit_chunk(guide_name: str, chunk: Chunk, seed: int) -> dict:
         "width_90_log_tau": (high - low).tolist(),
         "covered_90": ((low <= true_log_tau) & (true_log_tau <= high)).tolist(),
         "fit": fit,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(seconds, 1),
     }
 
 
@@ -327,6 +364,28 @@ def laplace_draws(lm: CachedTinyLM, chunk: Chunk, seed: int) -> tuple[torch.Tens
                            "newton_steps_max": max(newton["newton_steps"]), "unconverged": newton["unconverged"],
                            "not_a_maximum": newton["not_a_maximum"],
                            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def laplace_step_draws(task_B: torch.Tensor, chunk: Chunk, seed: int) -> tuple[torch.Tensor, dict]:
+    """``NUM_DRAWS`` draws [L, R] of τ from the Laplace step (:func:`~bora_pyro.guides.laplace_tau.laplace_tau`)
+    of each replication of ``chunk``, from its own documents, expanded at its tasks' ``task_B``
+    rows ([R·D, out, r]: the fitted guide's median), and the steps' grid and cost."""
+    start = time.perf_counter()
+    lm = build_lm(alpha=LORA_ALPHA)
+    module = lm.modules_spec[0]
+    lora_A = FixedAPrior(hyperprior(), GLOBAL_SCALE).lora_A(module, 0, lm.device)
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for replication in range(len(chunk.seeds)):
+        tasks = slice(replication * NUM_TASKS, (replication + 1) * NUM_TASKS)
+        rows = (chunk.batch.task_ids >= tasks.start) & (chunk.batch.task_ids < tasks.stop)
+        ids = chunk.batch.input_ids[rows]
+        batch = Batch(ids, torch.ones_like(ids), chunk.batch.task_ids[rows] - tasks.start, torch.arange(len(ids)), len(ids))
+        factors = {module.name: (lora_A.expand(NUM_TASKS, *lora_A.shape), task_B[tasks])}
+        curvature = kronecker_curvature(lm, factors, [batch], NUM_TASKS, generator=generator)
+        posterior = laplace_tau(curvature, {"tau": (hyperprior(), [(module.name, "lora_B")])}, GLOBAL_SCALE)["tau"]
+        draws.append(posterior.icdf(torch.rand(NUM_DRAWS, generator=generator, dtype=torch.float64)))
+    return torch.stack(draws, 1), {"grid_points": len(posterior.log_tau_grid), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def nuts_check(seed: int) -> dict:
@@ -367,6 +426,8 @@ def parametrisation(name: str) -> str:
     """The parametrisation of ``name``'s task factors in words."""
     if name == REFERENCE:
         return "nested Laplace on a grid of log τ (no guide)"
+    if name == LAPLACE_STEP:
+        return f"the Laplace step on τ (K-FAC quadratic likelihood) at {BASE_GUIDE}'s median"
     return parametrisation_of(GUIDES[name][0])
 
 
@@ -435,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--replications", type=int, default=100)
     parser.add_argument("--chunk", type=int, default=50, help="replications fitted as one program")
     parser.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
-    parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=METHODS)
+    parser.add_argument("--guides", nargs="+", default=[*GUIDES, LAPLACE_STEP], choices=METHODS)
     parser.add_argument("--nuts", type=int, default=0, help="also run NUTS on the first N replications")
     parser.add_argument("--update", action="store_true",
                         help="keep the other guides' rows (and NUTS's, without --nuts) of the --json file")
@@ -452,12 +513,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with context.Pool(args.workers) as pool:
         chunks = pool.map(simulate_chunk, seeds)
         print(f"{time.perf_counter() - start:5.0f} s  {args.replications} replications simulated", flush=True)
-        jobs = [(name, chunk, index) for name in args.guides for index, chunk in enumerate(chunks)]
+        fits: dict[str, list[str]] = {}  # what is fitted → the rows it gives (the Laplace step: its base guide's fit)
+        for name in args.guides:
+            fits.setdefault(BASE_GUIDE if name == LAPLACE_STEP else name, []).append(name)
+        jobs = [(name, chunk, index, rows) for name, rows in fits.items() for index, chunk in enumerate(chunks)]
         results = []
-        for result in pool.imap_unordered(fit_job, jobs):
-            results.append(result)
-            print(f"{time.perf_counter() - start:5.0f} s  {result['guide']}: replications {result['seeds'][0]}–"
-                  f"{result['seeds'][-1]} done ({result['fit'].get('steps', 'no')} steps, {result['seconds']:.0f} s)", flush=True)
+        for chunk_results in pool.imap_unordered(fit_job, jobs):
+            results += chunk_results
+            for result in chunk_results:
+                print(f"{time.perf_counter() - start:5.0f} s  {result['guide']}: replications {result['seeds'][0]}–"
+                      f"{result['seeds'][-1]} done ({result['fit'].get('steps', 'no')} steps, {result['seconds']:.0f} s)",
+                      flush=True)
         nuts = pool.map(nuts_check, range(args.nuts))
     summary = summarise(results, args.replications)
     ran = {"guides": list(args.guides), "nuts": bool(nuts), "seconds": round(time.perf_counter() - start, 1),
@@ -502,10 +568,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
-def fit_job(job: tuple[str, Chunk, int]) -> dict:
-    """``fit_chunk`` of one (guide, chunk, chunk index) job: the fit's seed is the chunk index."""
-    name, chunk, index = job
-    return fit_chunk(name, chunk, seed=index)
+def fit_job(job: tuple[str, Chunk, int, list[str]]) -> list[dict]:
+    """``fit_chunk`` of one (fit, chunk, chunk index, rows) job: the fit's seed is the chunk index."""
+    name, chunk, index, rows = job
+    return fit_chunk(name, chunk, seed=index, rows=rows)
 
 
 if __name__ == "__main__":

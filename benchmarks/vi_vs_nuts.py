@@ -1,6 +1,6 @@
 """The library's guides against exact inference (NUTS) on a BoRA model small enough for it.
 
-    python benchmarks/vi_vs_nuts.py --json benchmarks/results/vi_vs_nuts.json   # 6.4 min (1 thread, busy 2-core machine)
+    python benchmarks/vi_vs_nuts.py --json benchmarks/results/vi_vs_nuts.json   # 4.2 min (1 thread, 2-core machine)
     python benchmarks/vi_vs_nuts.py --json /tmp/vi_vs_nuts.json --quick         # 2.9 min
 
 The model is ``benchmarks/tiny_hierarchy.py``'s: a random one-layer GPT-2, rank-2 LoRA at its MLP
@@ -22,7 +22,10 @@ output with A fixed, D = 4 tasks whose B factors θ_d ~ Normal(Θ, τ^{-1/2}) (1
      (``centered=False``, the library's parametrisation for a learned τ), τ learned;
    - ``hybrid``: :func:`~bora_pyro.guides.hybrid_guide` (Θ a point, the offsets and τ mean-field),
      τ learned; its θ_d = Θ + δ_d lack Θ's uncertainty by construction;
-   - ``mean_field_decentered``: the mean-field guide on NUTS's own parametrisation z_d (``centered=0.0``).
+   - ``mean_field_decentered``: the mean-field guide on NUTS's own parametrisation z_d (``centered=0.0``);
+   - ``laplace_step``: the same fit, then τ's posterior by the library's Laplace step at its median
+     (:mod:`bora_pyro.guides.laplace_tau`; the default posterior of a learned τ). Its task factors
+     are the guide's; only τ differs from ``mean_field_decentered``.
 
 3. The comparison, on what every parametrisation shares: τ (median and 90 % interval: the
    guide's :func:`~bora_pyro.guides.quantiles`, the draws' for NUTS) and the task factors θ_d
@@ -65,12 +68,13 @@ from tiny_hierarchy import MODULE, FixedAPrior, build_lm, fit_guide, simulate  #
 from bora_pyro import MultiTaskLM  # noqa: E402
 from bora_pyro.data import Batch  # noqa: E402
 from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, quantiles  # noqa: E402
+from bora_pyro.guides.laplace_tau import kronecker_curvature, laplace_tau  # noqa: E402
 from bora_pyro.models import BoRA  # noqa: E402
 from bora_pyro.precision import machine_description  # noqa: E402
 
 PROBS = [0.05, 0.5, 0.95]
 #: The guides compared, in the order they are fitted (see the module's docstring).
-GUIDES = ("map", "mean_field", "hybrid", "mean_field_decentered")
+GUIDES = ("map", "mean_field", "hybrid", "mean_field_decentered", "laplace_step")
 
 
 @dataclass(frozen=True)
@@ -177,10 +181,12 @@ def fit_and_compare(name: str, model: BoRA, guide, batch: Batch, nuts_B: torch.T
     trace = fit_guide(model, guide, batch, settings.guide_steps, settings.lr, settings.log_scale_lr,
                       window=settings.fit_window, max_decays=settings.fit_decays)
     draws = guide_draws(guide, batch, settings.guide_draws)
-    if fixed_tau is None:
-        low, median, high = (float(q) for q in quantiles(guide, PROBS)["tau"])
-    else:
+    if fixed_tau is not None:
         low = median = high = fixed_tau
+    elif name == "laplace_step":
+        low, median, high = laplace_step_quantiles(model, guide, batch, settings)
+    else:
+        low, median, high = (float(q) for q in quantiles(guide, PROBS)["tau"])
     result = {"tau": tau_summary(low, median, high),
               **compare_task_factors(task_factors_of(model, draws), nuts_B),
               "seconds": round(trace.seconds, 2), "fit": trace.summary(settings.fit_window)}
@@ -198,7 +204,22 @@ def guide_setup(name: str, settings: Settings, tau_median: float) -> tuple[Fixed
         "mean_field": (settings.prior(False), mean_field_guide, None),
         "hybrid": (settings.prior(False), hybrid_guide, None),
         "mean_field_decentered": (settings.prior(0.0), mean_field_guide, None),
+        "laplace_step": (settings.prior(0.0), mean_field_guide, None),
     }[name]
+
+
+def laplace_step_quantiles(model: BoRA, guide, batch: Batch, settings: Settings) -> tuple[float, float, float]:
+    """τ's quantiles from the library's Laplace step (:mod:`bora_pyro.guides.laplace_tau`) at the
+    fitted ``guide``'s median: the default posterior of a learned τ (its task factors are the
+    guide's)."""
+    with torch.no_grad():
+        factors = model.task_factors(guide.median())
+    curvature = kronecker_curvature(model.lm, factors, [batch], settings.num_tasks,
+                                    generator=torch.Generator().manual_seed(settings.seed))
+    hyperprior = dist.LogNormal(settings.tau_loc, settings.tau_scale)
+    posterior = laplace_tau(curvature, {"tau": (hyperprior, [(MODULE, "lora_B")])}, settings.global_scale)["tau"]
+    low, median, high = posterior.icdf(torch.tensor(PROBS)).tolist()
+    return low, median, high
 
 
 @dataclass

@@ -7,6 +7,7 @@ import contextlib
 import json
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,10 +27,11 @@ from .evaluate import evaluate, evaluate_base
 from .export import check_request, export_peft, export_peft_all, save_merged
 from .diagnostics import diagnose
 from .fit import fit
+from .guides.laplace_tau import fit_tau_posterior
 from .run import (
-    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, TASK_STORES, RunConfig, build_lm,
-    build_model, check_base_model, fit_task_store, load_checkpoint, load_corpus, read_config, save_checkpoint,
-    save_config, save_run,
+    BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, TASK_STORES, TAU_POSTERIORS, RunConfig,
+    build_lm, build_model, check_base_model, fit_task_store, load_checkpoint, load_corpus, read_config,
+    save_checkpoint, save_config, save_run,
 )
 
 #: Flags that ``fit --resume`` accepts; every other setting comes from the run's config.json.
@@ -56,6 +58,10 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", help=f"column holding each row's text (default {defaults.text_field!r})")
     parser.add_argument("--guide", choices=GUIDES,
                         help="map = the paper's estimator (the default for a fixed τ; with --tau-prior: mean-field)")
+    parser.add_argument("--tau-posterior", choices=TAU_POSTERIORS,
+                        help="with --tau-prior: laplace (the default) ends the fit with the Laplace step on τ, whose "
+                             "intervals pass simulation-based calibration (benchmarks/sbc.py); guide keeps the "
+                             "guide's own q(τ), which is too narrow")
     parser.add_argument("--init-scale", type=float,
                         help="initial standard deviation of every mean-field scale (default: a tenth of each "
                              "site's prior sd, at most 0.01)")
@@ -200,16 +206,24 @@ def run_fit(args: argparse.Namespace) -> dict:
     except FitError as error:
         raise fit_error(error, run_dir, config.lr) from None
     tested = len(corpus.test) > 0  # else test_size=0 or every task too small: nothing to report
+    tau_posterior = None
+    if config.laplace_tau and main_process:  # τ's posterior by the Laplace step, over every training document once
+        started = time.perf_counter()
+        tau_posterior = fit_tau_posterior(model, guide, corpus.train.batches(config.batch_size, corpus.pad_token_id),
+                                          seed=config.seed)
+        laplace_seconds = round(time.perf_counter() - started, 1)
     metrics = {
         "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "stopped_by": result.stopped_by, "still_improving": result.still_improving,
-        "diagnostics": diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window),
+        "diagnostics": diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window, tau_posterior),
         "elbo_window": result.elbo_window, "elbos": result.elbos, "history": result.history, "tasks": corpus.counts(),
         "test": evaluate(model, guide, corpus, "test") if tested else None,
         "base_test": evaluate_base(lm, corpus, "test") if tested else None,
     }
+    if tau_posterior is not None:
+        metrics["tau_posterior"] = {"method": "laplace", "seconds": laplace_seconds}
     if main_process:
-        save_run(run_dir, config, guide, metrics)
+        save_run(run_dir, config, guide, metrics, tau_posterior)
     if task_store is not None and task_store.folder is not None:  # working files: the run holds every task now
         task_store.close()
         shutil.rmtree(task_store.folder, ignore_errors=True)
@@ -226,7 +240,8 @@ def run_diagnose(args: argparse.Namespace) -> dict:
         raise CheckpointError(f"{metrics_path} is missing or holds no per-step ELBOs (the fit has not finished, or an "
                               "older bora-pyro wrote it): finish or resume the fit, or fit the run again")
     with loaded_run(args, keep_start=True) as run:
-        return diagnose(run.model, run.guide, metrics["elbos"], run.start_log_scales, metrics["elbo_window"])
+        return diagnose(run.model, run.guide, metrics["elbos"], run.start_log_scales, metrics["elbo_window"],
+                        run.tau_posterior)
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:

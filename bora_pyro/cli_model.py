@@ -41,7 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau-prior", metavar="SPEC",
                         help="learn τ under this hyperprior instead of fixing it: gamma:SHAPE,RATE or "
                              "lognormal:LOC,SCALE (of log τ), e.g. lognormal:4.6,1.5; without --guide and a centring flag, the "
-                             "learned-τ default: mean-field on decentred task factors (its interval is too narrow: benchmarks/sbc.py)")
+                             "learned-τ default: mean-field on decentred task factors, then τ's posterior by the "
+                             "Laplace step (see fit --tau-posterior)")
     parser.add_argument("--tau-per", choices=("all", "layer", "module", "factor", "module-factor"),
                         help="one τ for all adapted modules (the default), or one per layer, module, "
                              "factor (A vs B) or module and factor")

@@ -16,6 +16,7 @@ from .data import Batch, MultiTaskCorpus
 from .errors import BoRAError, ConfigError, DataError, WriteError
 from .export import task_index
 from .generation import generate
+from .guides.laplace_tau import with_tau
 from .predictive import (
     global_factors, guide_draws, new_task_calibration, new_task_factors, new_task_perplexity, posterior_perplexities,
     predictive_calibration, prior_adapters, shrinkage,
@@ -122,7 +123,8 @@ def predict(run: Run, args: argparse.Namespace) -> dict:
         output |= {"perplexity": report["perplexity"], "tasks": report["tasks"]}
     if unseen_names:
         report = new_task_perplexity(run.model, run.guide, unseen, unseen_names, corpus.pad_token_id,
-                                     num_samples=args.samples, interval=args.interval, batch_size=args.batch_size)
+                                     num_samples=args.samples, interval=args.interval, batch_size=args.batch_size,
+                                     tau_posterior=run.tau_posterior)
         output["unseen"] = {"perplexity": report["perplexity"], "tasks": report["tasks"]}
     if args.calibration:  # after the perplexities, so that --no-calibration leaves their draws as they were
         if seen:
@@ -130,7 +132,8 @@ def predict(run: Run, args: argparse.Namespace) -> dict:
                                                            args.samples, args.batch_size)
         if unseen_names:
             output["unseen"]["calibration"] = new_task_calibration(
-                run.model, run.guide, unseen, unseen_names, corpus.pad_token_id, args.samples, args.batch_size)
+                run.model, run.guide, unseen, unseen_names, corpus.pad_token_id, args.samples, args.batch_size,
+                run.tau_posterior)
     if args.shrinkage:
         sizes = (corpus if args.data is None else load_corpus(run.config, run.tokenizer)).counts()
         output["shrinkage"] = shrinkage(run.model, run.guide, {n: c["train_docs"] for n, c in sizes.items()},
@@ -212,8 +215,8 @@ def adapter_for(run: Run, args: argparse.Namespace):
               else run.guide.median())
     if args.global_adapter:
         return global_factors(run.model, values)
-    if args.new_task:
-        return new_task_factors(run.model, values, 1)
+    if args.new_task:  # τ from the fit's Laplace step when it took one
+        return new_task_factors(run.model, with_tau(values, run.tau_posterior, draw=args.sample), 1)
     d = task_index(run.config, args.task)
     return {name: (A[d:d + 1], B[d:d + 1]) for name, (A, B) in run.model.task_factors(values).items()}
 

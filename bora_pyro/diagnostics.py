@@ -12,7 +12,9 @@ at the guide's median: τ^{-1/2} for a task entry, at τ's posterior median when
     scales_moved              = share of i with |log σ_i − log σ_i⁰| > log 2
 
 A point-mass (MAP) guide has no scales: its groups report ``prior_sd`` and nulls. Hyperparameter
-sites (a latent τ) get their posterior median and 90 % interval.
+sites (a latent τ) get their posterior median and 90 % interval: a fit's Laplace step's when it
+took one (``"method": "laplace"``, :mod:`bora_pyro.guides.laplace_tau`), else the guide's q(τ)
+(``"method": "guide"``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from pyro import poutine
@@ -28,6 +30,7 @@ from pyro.infer.autoguide import AutoGuideList
 
 from .convergence import elbo_trend
 from .guides import only_tasks, quantiles
+from .guides.laplace_tau import GridLogTau, with_tau
 from .guides.structured import ConjugateTaskNormal
 from .guides.taskwise import TaskwiseNormal, rows_key, unconstrained_prior_sd
 from .models.priors import (
@@ -107,8 +110,10 @@ def conditional_prior_sds(model, values: dict[str, torch.Tensor],
             if name in values and site["type"] == "sample"}
 
 
-def site_groups(model, guide, start_log_scales: dict[str, torch.Tensor | None]) -> dict[str, dict]:
-    """The ``sites`` part of :func:`diagnose`: one summary per group of factor entries. A guide
+def site_groups(model, guide, start_log_scales: dict[str, torch.Tensor | None],
+                tau_posterior: Mapping[str, GridLogTau] | None = None) -> dict[str, dict]:
+    """The ``sites`` part of :func:`diagnose`: one summary per group of factor entries, the prior
+    conditioned on the guide's median (its τ: ``tau_posterior``'s median when given). A guide
     with a task store is read a pass of :data:`~bora_pyro.task_store.TASKS_PER_PASS` tasks at a
     time, the shared sites in the first."""
     store = guide_task_store(guide)
@@ -117,7 +122,7 @@ def site_groups(model, guide, start_log_scales: dict[str, torch.Tensor | None]) 
     sums: dict[str, dict[str, float]] = {}
     for tasks in passes:
         with contextlib.nullcontext() if tasks is None else store.holding(), only_tasks(guide, tasks):
-            medians = {name: value.detach() for name, value in guide.median().items()}
+            medians = with_tau({name: value.detach() for name, value in guide.median().items()}, tau_posterior, draw=False)
             scales = site_log_scales(guide) if tasks is None else log_scales(guide)  # also a ConjugateTaskNormal's
         for name, prior_sd in conditional_prior_sds(model, medians, tasks).items():
             if not is_factor_site(name) or (tasks is not None and tasks.start > 0 and name in model.shared_site_names):
@@ -163,28 +168,33 @@ def summary(total: dict) -> dict:
     }
 
 
-def hyperparameters(model, guide) -> dict[str, dict]:
-    """Posterior median and 90 % interval of every hyperparameter site (a latent τ)."""
+def hyperparameters(model, guide, tau_posterior: Mapping[str, GridLogTau] | None = None) -> dict[str, dict]:
+    """Posterior median and 90 % interval of every hyperparameter site (a latent τ): from
+    ``tau_posterior`` (a Laplace step's, :mod:`bora_pyro.guides.laplace_tau`) for its sites, else
+    the guide's; ``method`` says which (``"laplace"`` or ``"guide"``)."""
     names = [name for name in latent_sites(model.prior, model.lm.modules_spec, model.tasks_plate())
              if not is_factor_site(name)]
     if not names:
         return {}
+    tau_posterior = tau_posterior or {}
     store = guide_task_store(guide)
     with only_tasks(guide, None if store is None else [0]):  # a store's task rows: one task's, not all D
         values = quantiles(guide, [0.05, 0.5, 0.95])
-    return {name: {"median": float(values[name][1]), "ci90": [float(values[name][0]), float(values[name][2])]}
-            for name in names}
+    values |= {name: posterior.icdf(torch.tensor([0.05, 0.5, 0.95])) for name, posterior in tau_posterior.items()}
+    return {name: {"median": float(values[name][1]), "ci90": [float(values[name][0]), float(values[name][2])],
+                   "method": "laplace" if name in tau_posterior else "guide"} for name in names}
 
 
 def diagnose(model, guide, elbos: Sequence[float], start_log_scales: dict[str, torch.Tensor | None],
-             elbo_window: int) -> dict:
+             elbo_window: int, tau_posterior: Mapping[str, GridLogTau] | None = None) -> dict:
     """``{"elbo": ..., "sites": {GROUP: ...}, "hyper": {NAME: ...}}`` (see the module docstring):
     ``elbos`` are the fit's per-step ELBOs (:attr:`~bora_pyro.fit.FitResult.elbos`),
-    ``start_log_scales`` the guide's log σ at its start (:func:`site_log_scales` before fitting)."""
+    ``start_log_scales`` the guide's log σ at its start (:func:`site_log_scales` before fitting),
+    ``tau_posterior`` a Laplace step's posterior of the latent τ sites (:func:`hyperparameters`)."""
     trend = elbo_trend(elbos, elbo_window)
     elbo = trend.to_json() if trend is not None else {
         "converged": False, "final": None, "slope_per_100_steps": None, "noise_sd": None, "window": len(elbos),
         "rising": False}
     with torch.no_grad():
-        return {"elbo": elbo, "sites": site_groups(model, guide, start_log_scales),
-                "hyper": hyperparameters(model, guide)}
+        return {"elbo": elbo, "sites": site_groups(model, guide, start_log_scales, tau_posterior),
+                "hyper": hyperparameters(model, guide, tau_posterior)}

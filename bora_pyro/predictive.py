@@ -37,6 +37,7 @@ from .data import Batch, DocumentSet
 from .errors import ConfigError
 from .evaluate import Factors, document_log_probs, document_passes
 from .guides import only_tasks
+from .guides.laplace_tau import GridLogTau, with_tau
 from .models import BoRA
 from .models.priors import PACKED, factor_layout
 from .task_store import guide_task_store
@@ -261,22 +262,26 @@ def predictive_perplexity(model, guide, corpus, split: str = "test", num_samples
 
 
 def new_task_perplexity(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
-                        num_samples: int = 32, interval: float = 0.9, batch_size: int = 16) -> dict:
+                        num_samples: int = 32, interval: float = 0.9, batch_size: int = 16,
+                        tau_posterior: Mapping[str, GridLogTau] | None = None) -> dict:
     """Perplexity of documents of tasks the model was not fitted on, under the prior predictive:
     each draw takes Θ, τ, … from the posterior and gives every unseen task its own adapter from
-    p(θ_new | Θ, τ). ``documents.task_ids`` index ``task_names``. No plug-in value."""
-    draws = new_task_draws(model, guide, len(task_names), num_samples)
+    p(θ_new | Θ, τ). ``documents.task_ids`` index ``task_names``. No plug-in value.
+    ``tau_posterior`` as in :func:`new_task_draws`."""
+    draws = new_task_draws(model, guide, len(task_names), num_samples, tau_posterior)
     return sample_perplexities(model.lm, draws, documents, task_names, pad_token_id, interval=interval,
                                batch_size=batch_size)
 
 
-def new_task_draws(model, guide, num_new: int, num_samples: int) -> Iterator[Factors]:
+def new_task_draws(model, guide, num_new: int, num_samples: int,
+                   tau_posterior: Mapping[str, GridLogTau] | None = None) -> Iterator[Factors]:
     """``num_samples`` draws of ``num_new`` unseen tasks' factors: each takes Θ, τ, … from a
-    posterior draw and θ_new from p(θ | Θ, τ)."""
+    posterior draw and θ_new from p(θ | Θ, τ); the τ sites of ``tau_posterior`` (a Laplace step's,
+    :mod:`bora_pyro.guides.laplace_tau`) from it instead of the guide."""
     # only Θ, τ, … are used: a guide with a task store draws one task's rows, not D
     probe = Batch.probe(device=model.lm.device, tasks=None if guide_task_store(guide) is None else [0])
     for values in guide_draws(guide, probe, num_samples):
-        yield new_task_factors(model, values, num_new)
+        yield new_task_factors(model, with_tau(values, tau_posterior, draw=True), num_new)
 
 
 def replayable_guide_draws(model, guide, num_samples: int):
@@ -305,12 +310,14 @@ def posterior_scores(model, guide, values, documents: DocumentSet, num_tasks: in
 
 
 def new_task_calibration(model, guide, documents: DocumentSet, task_names: Sequence[str], pad_token_id: int,
-                         num_samples: int = 32, batch_size: int = 16) -> dict:
+                         num_samples: int = 32, batch_size: int = 16,
+                         tau_posterior: Mapping[str, GridLogTau] | None = None) -> dict:
     """Calibration for tasks the model was not fitted on, under the prior predictive (each draw:
-    Θ, τ, … from the posterior, θ_new ~ p(θ | Θ, τ)); the plug-in is the global adapter Θ at the
-    guide's median (none for a prior without Θ)."""
+    Θ, τ, … from the posterior, θ_new ~ p(θ | Θ, τ); ``tau_posterior`` as in :func:`new_task_draws`);
+    the plug-in is the global adapter Θ at the guide's median (none for a prior without Θ)."""
     # θ_new is drawn inside the replayed source, so every batch sees the same new tasks' adapters
-    draws = replayable(lambda: new_task_draws(model, guide, len(task_names), num_samples), model.lm.device)
+    draws = replayable(lambda: new_task_draws(model, guide, len(task_names), num_samples, tau_posterior),
+                       model.lm.device)
     try:
         plugin = global_factors(model, guide.median(), len(task_names))
     except ConfigError:

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .errors import BoRAError, CheckpointError, ConfigError, WriteError, first_l
 from .diagnostics import site_log_scales
 from .fit import TrainState, check_fit_settings
 from .guides import hybrid_guide, map_guide, mean_field_guide
+from .guides.laplace_tau import GridLogTau, tau_posterior_from_json, tau_posterior_to_json
 from .models import BoRA, HierarchicalNormal, Independent, Joint, parse_hyperprior
 from .guide_file import load_guide, save_guide
 from .task_store import TaskStore, guide_task_store
@@ -47,6 +49,12 @@ PRIORS = ("hierarchical", "independent", "joint")
 #: ``--base-dtype`` → the dtype the frozen base is loaded in (auto: as saved, transformers' default)
 BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GUIDES = ("map", "mean-field", "hybrid")
+#: How a learned τ's posterior is reported: ``laplace``, the Laplace step after the fit
+#: (:mod:`bora_pyro.guides.laplace_tau`, calibrated by ``benchmarks/sbc.py``), or ``guide``, the
+#: fitted guide's own q(τ) (not calibrated: too narrow, too high).
+TAU_POSTERIORS = ("laplace", "guide")
+#: The Laplace step's posterior of each latent τ site (:func:`~bora_pyro.guides.laplace_tau.tau_posterior_to_json`).
+TAU_POSTERIOR_FILE = "tau_posterior.json"
 #: The guide of a fit with a learned τ (``--tau-prior``) and no ``--guide``: see
 #: :func:`~bora_pyro.guides.learned_tau_guide`, which it builds.
 LEARNED_TAU_GUIDE = "mean-field"
@@ -69,6 +77,7 @@ class RunConfig:
     tau: float = 100.0
     tau_prior: str | None = None  # learn τ under this hyperprior ("gamma:2,0.02"); None: τ = tau
     tau_per: str = "all"
+    tau_posterior: str = "laplace"  # a learned τ's posterior: the Laplace step after the fit, or the guide's q(τ)
     global_scale: float | None = 1.0
     centered: bool | float | None = None  # False: offsets θ_d − Θ; True: θ_d; c: LocScaleReparam(centered=c);
     # None: offsets for a fixed τ, LEARNED_TAU_CENTERED for a learned one
@@ -108,6 +117,11 @@ class RunConfig:
             return self.guide
         return LEARNED_TAU_GUIDE if self.tau_prior is not None else "map"
 
+    @property
+    def laplace_tau(self) -> bool:
+        """Whether the fit ends with the Laplace step on a learned τ (:data:`TAU_POSTERIORS`)."""
+        return self.tau_prior is not None and self.tau_posterior == "laplace"
+
     def validate(self) -> None:
         """Refuse settings that cannot work, before anything loads: the model's and the fit's."""
         self.validate_model()
@@ -116,6 +130,11 @@ class RunConfig:
         if self.tau_prior is not None and self.chosen_guide == "map":
             raise ConfigError("--guide map cannot learn τ (MAP over τ and the task factors is degenerate: "
                               "τ → ∞, every task collapses onto Θ); use --guide hybrid or --guide mean-field")
+        if self.tau_posterior not in TAU_POSTERIORS:
+            raise ConfigError(f"unknown τ posterior {self.tau_posterior!r}: choose one of {TAU_POSTERIORS}")
+        if self.laplace_tau and self.task_store is not None:
+            raise ConfigError("the Laplace step on τ (--tau-posterior laplace, the default for --tau-prior) holds every "
+                              "task's factors in memory, which --task-store is there to avoid: add --tau-posterior guide")
         if self.task_store is not None and self.task_store not in TASK_STORES:
             raise ConfigError(f"unknown task store {self.task_store!r}: choose one of {TASK_STORES}")
         if self.data is not None and not Path(self.data).exists():
@@ -324,9 +343,11 @@ def check_base_model(config: RunConfig, lm: MultiTaskLM) -> None:
     config.base_fingerprint = found
 
 
-def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None) -> Path:
-    """Write config, guide parameters and metrics into ``run_dir`` (created if needed); a guide
-    with a task store a task's row at a time (:func:`~bora_pyro.guide_file.save_guide`)."""
+def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None,
+             tau_posterior: Mapping[str, GridLogTau] | None = None) -> Path:
+    """Write config, guide parameters, metrics and a Laplace step's ``tau_posterior`` into
+    ``run_dir`` (created if needed); a guide with a task store a task's row at a time
+    (:func:`~bora_pyro.guide_file.save_guide`)."""
     run_dir = save_config(run_dir, config)
     store = guide_task_store(guide)
     if store is not None and store.sites:
@@ -334,6 +355,8 @@ def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None
     else:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in guide.state_dict().items()}
         atomic_write(run_dir / GUIDE_FILE, lambda temp: safetensors.torch.save_file(state, temp))
+    if tau_posterior:
+        write_json(run_dir / TAU_POSTERIOR_FILE, tau_posterior_to_json(tau_posterior))
     if metrics is not None:
         write_json(run_dir / METRICS_FILE, metrics)
     return run_dir
@@ -342,7 +365,8 @@ def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None
 @dataclass
 class Run:
     """A loaded run: its config, wrapped LM, tokenizer, model and fitted guide (and, when asked
-    for, the guide's log σ per site at its start: :func:`~bora_pyro.diagnostics.site_log_scales`)."""
+    for, the guide's log σ per site at its start: :func:`~bora_pyro.diagnostics.site_log_scales`),
+    and the Laplace step's posterior of each latent τ site when the fit took it."""
 
     config: RunConfig
     lm: MultiTaskLM
@@ -350,6 +374,7 @@ class Run:
     model: BoRA
     guide: object
     start_log_scales: dict[str, torch.Tensor] | None = None
+    tau_posterior: dict[str, GridLogTau] | None = None
 
 
 def build_model(config: RunConfig, lm: MultiTaskLM, task_store: TaskStore | None = None) -> tuple[BoRA, object]:
@@ -397,7 +422,10 @@ def load_run(run_dir: str | Path, device: str | None = None, keep_start: bool = 
         if config.format_version == 1:
             state = format_2_guide_state(state)
         load_guide_state(guide, state, run_dir / GUIDE_FILE)
-    return Run(config, lm, tokenizer, model, guide, start_log_scales)
+    tau_posterior = None
+    if (run_dir / TAU_POSTERIOR_FILE).is_file():
+        tau_posterior = tau_posterior_from_json(json.loads((run_dir / TAU_POSTERIOR_FILE).read_text()))
+    return Run(config, lm, tokenizer, model, guide, start_log_scales, tau_posterior)
 
 
 def format_2_guide_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

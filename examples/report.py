@@ -117,8 +117,12 @@ def tau_table(results: dict) -> list[str]:
     learned = results.get("learned_tau")
     if learned:
         low, high = learned["tau_ci"]
+        method = " by the Laplace step" if learned.get("tau_posterior") == "laplace" else ""
+        guide = (f" (the guide's own q(τ): {learned['guide_tau_median']:.4g}, {learned['guide_tau_ci'][0]:.4g}–"
+                 f"{learned['guide_tau_ci'][1]:.4g})" if "guide_tau_ci" in learned else "")
         lines.append(f"| learned τ (one run, no sweep): posterior median {learned['tau_median']:.4g}, 90 % interval "
-                     f"{low:.4g}–{high:.4g} | {learned['perplexity']:.2f} | – | {learned['validation_perplexity']:.2f} | – |")
+                     f"{low:.4g}–{high:.4g}{method}{guide} | {learned['perplexity']:.2f} | – "
+                     f"| {learned['validation_perplexity']:.2f} | – |")
     paper = results.get("paper_objective")
     if paper:
         taus = sorted(paper["equivalent_tau"])

@@ -16,9 +16,9 @@
    records how it stopped; test perplexity per speaker.
 4. Mean-field VI (AutoNormal) at the τ that is best on validation, with its scales' diagnostics
    (``bora_pyro.diagnostics``: how far they moved from their start, how far below the prior).
-5. No sweep: τ learned under a broad hyperprior with the learned-τ default guide, with τ's
-   posterior median and 90 % interval (not calibrated: too narrow and too high in
-   ``benchmarks/sbc.py``; read it as a lower bound on the uncertainty).
+5. No sweep: τ learned under a broad hyperprior with the learned-τ default guide, then τ's
+   posterior median and 90 % interval by the Laplace step (``bora_pyro.guides.laplace_tau``,
+   which passes simulation-based calibration in ``benchmarks/sbc.py``), next to the guide's own.
 6. The paper's own objective (its published code: an unsquared norm penalty τ_p‖θ_d − Θ‖ and a
    per-task mean-token likelihood) at the paper's best τ_p = 100, with the τ it amounts to here.
 7. A user-written prior on real groups: ``examples/custom_prior.py``'s clustered prior, each
@@ -48,6 +48,7 @@ from bora_pyro.diagnostics import diagnose
 from bora_pyro.errors import BoRAError, ConfigError
 from bora_pyro.gguf import smollm2_gguf
 from bora_pyro.guides import LEARNED_TAU_CENTERED, learned_tau_guide, map_guide, mean_field_guide, quantiles
+from bora_pyro.guides.laplace_tau import fit_tau_posterior, tau_posterior_to_json
 from bora_pyro.models import BoRA, HierarchicalNormal, PaperNormPrior, equivalent_tau, paper_task_weights, prior_from_tau
 from bora_pyro.precision import bf16_is_fast, machine_description
 from bora_pyro.predictive import flatten_factors, global_factors
@@ -150,15 +151,18 @@ def factor_distances(model: BoRA, guide) -> list[float] | None:
     return (flatten_factors(model.task_factors(values)) - theta_global).norm(dim=1).tolist()
 
 
-def fit_and_test(model: BoRA, guide, corpus, seed: int, args) -> dict:
+def fit_and_test(model: BoRA, guide, corpus, seed: int, args, tau_posterior: dict | None = None) -> dict:
     """Fit until its own criterion stops it; test perplexity overall and per speaker, how the fit
-    stopped, and the guide's diagnostics (:func:`bora_pyro.diagnostics.diagnose`)."""
+    stopped, and the guide's diagnostics (:func:`bora_pyro.diagnostics.diagnose`). With
+    ``tau_posterior`` (a dict), the fit ends with the Laplace step on τ, which it fills."""
     started = time.time()
     result = fit(model, guide, corpus, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                  log_scale_lr=args.log_scale_lr, eval_every=args.eval_every, patience=args.patience, seed=seed,
                  bf16=args.bf16, progress=False)
     test = evaluate(model, guide, corpus, "test")
-    diagnostics = diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window)
+    if tau_posterior is not None:
+        tau_posterior |= fit_tau_posterior(model, guide, corpus.train.batches(args.batch_size, corpus.pad_token_id), seed)
+    diagnostics = diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window, tau_posterior)
     return {
         "lr": args.lr, "seed": seed,
         "perplexity": test["perplexity"],
@@ -192,15 +196,22 @@ def run_fit(lm, corpus, tau: float, seed: int, args, guide_kind: str = "map") ->
 
 def learned_tau_fit(lm, corpus, seed: int, args) -> dict:
     """One fit with τ latent under ``TAU_HYPERPRIOR``, with the default learned-τ parametrisation
-    and guide (the closest to NUTS of those measured; not calibrated: ``benchmarks/sbc.py``)."""
+    and guide, then the Laplace step on τ (calibrated in ``benchmarks/sbc.py``); the guide's own
+    q(τ) (not calibrated) is kept as ``guide_tau_*``."""
     model = BoRA(lm, HierarchicalNormal(TAU_HYPERPRIOR, centered=LEARNED_TAU_CENTERED), corpus.num_tasks)
     guide = learned_tau_guide(model, seed=seed)
-    record = fit_and_test(model, guide, corpus, seed, args)
-    low, median, high = (float(q) for q in quantiles(guide, [0.05, 0.5, 0.95])["tau"])
+    started = time.time()
+    record = fit_and_test(model, guide, corpus, seed, args, tau_posterior := {})
+    laplace = record["diagnostics"]["hyper"]["tau"]
+    guide_low, guide_median, guide_high = (float(q) for q in quantiles(guide, [0.05, 0.5, 0.95])["tau"])
     record |= {"tau": "learned", "guide": type(guide).__name__, "centered": LEARNED_TAU_CENTERED,
-               "tau_median": median, "tau_ci": [low, high]}
+               "tau_posterior": laplace["method"], "tau_median": laplace["median"], "tau_ci": laplace["ci90"],
+               "guide_tau_median": guide_median, "guide_tau_ci": [guide_low, guide_high],
+               "tau_posterior_grid": tau_posterior_to_json(tau_posterior), "seconds": round(time.time() - started, 1)}
     print_run(f"τ learned seed={seed}", record)
-    print(f"  τ posterior median {median:.4g}, 90 % interval [{low:.4g}, {high:.4g}]", flush=True)
+    print(f"  τ posterior (Laplace step) median {laplace['median']:.4g}, 90 % interval [{laplace['ci90'][0]:.4g}, "
+          f"{laplace['ci90'][1]:.4g}]; the guide's own q(τ): {guide_median:.4g} [{guide_low:.4g}, {guide_high:.4g}]",
+          flush=True)
     return record
 
 
@@ -306,7 +317,8 @@ def mean_field_summary(runs: list[dict]) -> dict:
 
 def learned_tau_summary(run: dict) -> dict:
     """The learned-τ entry of results.json: test perplexity, τ's posterior median and 90 % interval."""
-    return {key: run[key] for key in SUMMARY_KEYS + ("tau_median", "tau_ci", "centered")} | {
+    return {key: run[key] for key in SUMMARY_KEYS + ("tau_posterior", "tau_median", "tau_ci", "guide_tau_median",
+                                                     "guide_tau_ci", "centered")} | {
         "hyperprior": "LogNormal(log 1e3, 2)", "diagnostics": run["diagnostics"]}
 
 

@@ -18,7 +18,8 @@ A learned τ needs a guide with spread over the task factors: MAP over τ togeth
 factors is degenerate, the log-density ``Σ_d log Normal(θ_d; Θ, τ^{-1/2})`` grows without bound
 as τ → ∞ and every θ_d collapses onto Θ. :func:`map_guide` therefore refuses a prior with
 hyperparameter sites (see the prior contract in :mod:`bora_pyro.models.priors`); use
-:func:`hybrid_guide` or :func:`mean_field_guide`.
+:func:`hybrid_guide` or :func:`mean_field_guide`. No guide's own q(τ) is calibrated; the posterior
+of τ to report is the Laplace step's after the fit (:mod:`bora_pyro.guides.laplace_tau`).
 """
 
 from __future__ import annotations
@@ -139,8 +140,11 @@ def learned_tau_guide(model, init_scale: float | None = None, seed: int = 0,
     """The default guide for a learned τ, on a prior with ``centered=LEARNED_TAU_CENTERED`` (the
     default of :class:`~bora_pyro.models.HierarchicalNormal` with a hyperprior): of the guides
     measured against NUTS (``benchmarks/vi_vs_nuts.py``) the one whose τ interval is nearest the
-    exact one's width. Not calibrated: simulation-based calibration (``benchmarks/sbc.py``) finds
-    its intervals too narrow and τ too high (90 % intervals hold the true τ 69 % of the time).
+    exact one's width. Its own q(τ) is not calibrated: simulation-based calibration
+    (``benchmarks/sbc.py``) finds its intervals too narrow and τ too high (90 % intervals hold the
+    true τ 69 % of the time). Report τ's posterior from the Laplace step at its median instead
+    (:func:`~bora_pyro.guides.laplace_tau.fit_tau_posterior`, what ``bora-pyro fit`` does), which
+    passes.
 
     Decentred task factors (z ~ Normal(0, 1), θ_d = Θ + τ^{-1/2}·z) under a mean-field guide:
     the likelihood then depends on τ, and entries the documents hardly inform keep q(z) at the

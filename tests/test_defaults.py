@@ -47,8 +47,9 @@ def test_cli_defaults_beat_the_joint_model_on_the_largest_task(tmp_path):
 
 
 def test_a_learned_tau_defaults_to_the_calibrated_parametrisation_and_guide():
-    """``--tau-prior`` alone (and a hyperprior in Python) takes the learned-τ default that passes
-    simulation-based calibration; a fixed τ keeps offsets and MAP."""
+    """``--tau-prior`` alone (and a hyperprior in Python) takes the learned-τ default whose τ interval
+    passes simulation-based calibration (the default guide's fit, then the Laplace step); a fixed τ
+    keeps offsets and MAP."""
     import pyro.distributions as dist
 
     from bora_pyro.guides import LEARNED_TAU_CENTERED
@@ -57,8 +58,9 @@ def test_a_learned_tau_defaults_to_the_calibrated_parametrisation_and_guide():
 
     learned = RunConfig(model="m", tau_prior="lognormal:4.6,1", steps=1)
     assert learned.chosen_guide == LEARNED_TAU_GUIDE and make_prior(learned).centered == LEARNED_TAU_CENTERED
+    assert learned.laplace_tau  # τ's posterior by the Laplace step, the one that passes (benchmarks/sbc.py)
     fixed = RunConfig(model="m", steps=1)
-    assert fixed.chosen_guide == "map" and make_prior(fixed).centered is False
+    assert fixed.chosen_guide == "map" and make_prior(fixed).centered is False and not fixed.laplace_tau
     assert HierarchicalNormal(dist.LogNormal(4.6, 1.0)).centered == LEARNED_TAU_CENTERED
     assert HierarchicalNormal(10.0).centered is False
     assert HierarchicalNormal(dist.LogNormal(4.6, 1.0), centered=True).centered is True

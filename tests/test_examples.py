@@ -67,6 +67,7 @@ def test_shakespeare_quick(shakespeare_quick):
     assert {run["tau"] for run in results["runs"] if run["guide"] == "mean-field"} == {best}
     low, high = results["learned_tau"]["tau_ci"]
     assert 0 < low < results["learned_tau"]["tau_median"] < high
+    assert results["learned_tau"]["tau_posterior"] == "laplace"  # the calibrated one, not the guide's q(τ)
     for run in results["runs"]:  # every fit says how it stopped
         assert run["stopped_by"] in ("patience", "elbo", "cap") and 0 < run["best_step"] <= run["steps"] <= 24
     assert results["paper_objective"]["tau_p"] == 100.0 and len(results["paper_objective"]["equivalent_tau"]) == 25
