@@ -195,23 +195,21 @@ def run_fit(args: argparse.Namespace) -> dict:
         save_config(run_dir, config)
     task_store = fit_task_store(config, run_dir)
     model, guide = build_model(config, lm, task_store)
+    fit_settings = dict(steps=config.steps, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                        log_scale_lr=config.log_scale_lr, optimizer=config.optimizer, weight_decay=config.weight_decay,
+                        eval_every=config.eval_every, patience=config.patience, elbo_window=config.elbo_window,
+                        bf16=config.bf16)
     try:
-        result = fit(
-            model, guide, corpus, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size,
-            lr=config.lr, log_scale_lr=config.log_scale_lr, optimizer=config.optimizer,
-            weight_decay=config.weight_decay, eval_every=config.eval_every, patience=config.patience,
-            elbo_window=config.elbo_window, seed=config.seed, bf16=config.bf16,
-            progress=not args.quiet, on_checkpoint=lambda state: save_checkpoint(run_dir, state), resume=resume,
-        )
+        result = fit(model, guide, corpus, seed=config.seed, progress=not args.quiet, **fit_settings,
+                     on_checkpoint=lambda state: save_checkpoint(run_dir, state), resume=resume)
     except FitError as error:
         raise fit_error(error, run_dir, config.lr) from None
     tested = len(corpus.test) > 0  # else test_size=0 or every task too small: nothing to report
-    tau_posterior = None
-    if config.laplace_tau and main_process:  # τ's posterior by the Laplace step, over every training document once
+    tau_posterior, laplace = None, None
+    if config.laplace_tau and main_process:  # τ's posterior by the Laplace step: a MAP fit at the guide's τ, one pass
         started = time.perf_counter()
-        tau_posterior = fit_tau_posterior(model, guide, corpus.train.batches(config.batch_size, corpus.pad_token_id),
-                                          seed=config.seed)
-        laplace_seconds = round(time.perf_counter() - started, 1)
+        tau_posterior, laplace = fit_tau_posterior(model, guide, corpus, seed=config.seed, **fit_settings)
+        laplace["seconds"] = round(time.perf_counter() - started, 1)
     metrics = {
         "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "stopped_by": result.stopped_by, "still_improving": result.still_improving,
@@ -220,8 +218,8 @@ def run_fit(args: argparse.Namespace) -> dict:
         "test": evaluate(model, guide, corpus, "test") if tested else None,
         "base_test": evaluate_base(lm, corpus, "test") if tested else None,
     }
-    if tau_posterior is not None:
-        metrics["tau_posterior"] = {"method": "laplace", "seconds": laplace_seconds}
+    if laplace is not None:
+        metrics["tau_posterior"] = laplace
     if main_process:
         save_run(run_dir, config, guide, metrics, tau_posterior)
     if task_store is not None and task_store.folder is not None:  # working files: the run holds every task now

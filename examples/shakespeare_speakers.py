@@ -151,17 +151,16 @@ def factor_distances(model: BoRA, guide) -> list[float] | None:
     return (flatten_factors(model.task_factors(values)) - theta_global).norm(dim=1).tolist()
 
 
-def fit_and_test(model: BoRA, guide, corpus, seed: int, args, tau_posterior: dict | None = None) -> dict:
+def fit_and_test(model: BoRA, guide, corpus, seed: int, args, laplace_tau: bool = False) -> dict:
     """Fit until its own criterion stops it; test perplexity overall and per speaker, how the fit
     stopped, and the guide's diagnostics (:func:`bora_pyro.diagnostics.diagnose`). With
-    ``tau_posterior`` (a dict), the fit ends with the Laplace step on τ, which it fills."""
+    ``laplace_tau``, the fit ends with the Laplace step on τ (its MAP fit with the fit's settings)."""
     started = time.time()
-    result = fit(model, guide, corpus, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                 log_scale_lr=args.log_scale_lr, eval_every=args.eval_every, patience=args.patience, seed=seed,
-                 bf16=args.bf16, progress=False)
+    settings = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, log_scale_lr=args.log_scale_lr,
+                    eval_every=args.eval_every, patience=args.patience, bf16=args.bf16)
+    result = fit(model, guide, corpus, seed=seed, progress=False, **settings)
     test = evaluate(model, guide, corpus, "test")
-    if tau_posterior is not None:
-        tau_posterior |= fit_tau_posterior(model, guide, corpus.train.batches(args.batch_size, corpus.pad_token_id), seed)
+    tau_posterior, laplace = fit_tau_posterior(model, guide, corpus, seed, **settings) if laplace_tau else (None, None)
     diagnostics = diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window, tau_posterior)
     return {
         "lr": args.lr, "seed": seed,
@@ -171,7 +170,7 @@ def fit_and_test(model: BoRA, guide, corpus, seed: int, args, tau_posterior: dic
         "best_step": result.best_step, "steps": result.steps, "stopped_by": result.stopped_by,
         "still_improving": result.still_improving, "seconds": round(time.time() - started, 1),
         "distances": factor_distances(model, guide), "diagnostics": diagnostics,
-    }
+    } | ({} if laplace is None else {"laplace_step": laplace, "tau_posterior_grid": tau_posterior_to_json(tau_posterior)})
 
 
 def print_run(label: str, record: dict) -> None:
@@ -201,13 +200,13 @@ def learned_tau_fit(lm, corpus, seed: int, args) -> dict:
     model = BoRA(lm, HierarchicalNormal(TAU_HYPERPRIOR, centered=LEARNED_TAU_CENTERED), corpus.num_tasks)
     guide = learned_tau_guide(model, seed=seed)
     started = time.time()
-    record = fit_and_test(model, guide, corpus, seed, args, tau_posterior := {})
+    record = fit_and_test(model, guide, corpus, seed, args, laplace_tau=True)
     laplace = record["diagnostics"]["hyper"]["tau"]
     guide_low, guide_median, guide_high = (float(q) for q in quantiles(guide, [0.05, 0.5, 0.95])["tau"])
     record |= {"tau": "learned", "guide": type(guide).__name__, "centered": LEARNED_TAU_CENTERED,
                "tau_posterior": laplace["method"], "tau_median": laplace["median"], "tau_ci": laplace["ci90"],
                "guide_tau_median": guide_median, "guide_tau_ci": [guide_low, guide_high],
-               "tau_posterior_grid": tau_posterior_to_json(tau_posterior), "seconds": round(time.time() - started, 1)}
+               "seconds": round(time.time() - started, 1)}
     print_run(f"τ learned seed={seed}", record)
     print(f"  τ posterior (Laplace step) median {laplace['median']:.4g}, 90 % interval [{laplace['ci90'][0]:.4g}, "
           f"{laplace['ci90'][1]:.4g}]; the guide's own q(τ): {guide_median:.4g} [{guide_low:.4g}, {guide_high:.4g}]",

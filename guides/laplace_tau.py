@@ -149,11 +149,12 @@ def add_batch(lm: MultiTaskLM, factors: Factors, batch: Batch, weights: torch.Te
     token_weights = weights.index_select(0, batch.task_ids[token_rows]).double()
     for index, name in enumerate(names):
         layer, stats = lm.layers[name], sums[name]
-        inputs = seen[name][0].reshape(-1, layer.in_features)[tokens].detach().double()  # x_t [T, in]
-        deltas = output_grads[index].reshape(-1, layer.out_features)[tokens].double()  # δ̂_t [T, out]
-        stats["output"] += deltas.T @ deltas
-        stats["input"] += inputs.T @ inputs
-        down = torch.einsum("ti,tki->tk", inputs, leaves[name][0].detach().double().index_select(0, token_tasks))  # a_t [T, r]
+        # a batch's moments in float32 (4x faster here), summed over batches in float64
+        inputs = seen[name][0].reshape(-1, layer.in_features)[tokens].detach().float()  # x_t [T, in]
+        deltas = output_grads[index].reshape(-1, layer.out_features)[tokens].float()  # δ̂_t [T, out]
+        stats["output"] += (deltas.T @ deltas).double()
+        stats["input"] += (inputs.T @ inputs).double()
+        down = torch.einsum("ti,tki->tk", inputs, leaves[name][0].detach().float().index_select(0, token_tasks)).double()  # a_t
         stats["task"].index_add_(0, tasks[token_tasks], down[:, :, None] * down[:, None, :] * token_weights[:, None, None])
         stats["gradient_A"].index_add_(0, tasks, factor_grads[2 * index].double())
         stats["gradient_B"].index_add_(0, tasks, factor_grads[2 * index + 1].double())
@@ -166,33 +167,34 @@ def log_evidence(curvature: FactorCurvature, log_tau_grid: torch.Tensor, global_
     in τ, at every u of ``log_tau_grid`` [G]: [G] float64."""
     eigenvalues, directions = torch.linalg.eigh(curvature.shared)
     eigenvalues = eigenvalues.clamp(min=0)  # [J]; a Fisher is PSD, rounding may not be
-    point = torch.einsum("ij,dir->djr", directions, curvature.point)  # rotated: [D, J, r]
-    gradient = torch.einsum("ij,dir->djr", directions, curvature.gradient)
-    task_values, task_directions = torch.linalg.eigh(curvature.task)  # [D, r], [D, r, r]
+    task_values, task_directions = torch.linalg.eigh(curvature.task)  # c_dk [D, r], V_d [D, r, r]
     task_values = task_values.clamp(min=0)
-    # b_dj = g_dj + λ_j C_d θ̂_dj, in C_d's eigenbasis: b̃_dj = V_dᵀ b_dj
-    to_task = lambda values: torch.einsum("dkr,djk->djr", task_directions, values)  # noqa: E731
-    curved = to_task(point) * task_values[:, None, :] * eigenvalues[None, :, None]
-    linear = to_task(gradient) + curved  # [D, J, r]
+    num_tasks, size, rank = curvature.point.shape
+    # θ̂ and g rotated by S's eigenvectors (over J) and by V_d (over r): [D, J, r], index k of V_d's
+    rotate = lambda values: torch.einsum("ij,dir,drk->djk", directions, values, task_directions)  # noqa: E731
     precision_curve = eigenvalues[None, :, None] * task_values[:, None, :]  # λ_j c_dk: [D, J, r]
-    _, size, rank = point.shape
+    linear = rotate(curvature.gradient) + precision_curve * rotate(curvature.point)  # b̃_djk = (V_dᵀ b_dj)_k
+    # sums over d and V_d's index k as matmuls over n = (d, k): V_d's column k as a row [n, r]
+    columns = task_directions.transpose(1, 2).reshape(num_tasks * rank, rank)
+    outer = (columns[:, :, None] * columns[:, None, :]).reshape(num_tasks * rank, rank * rank)  # [n, r²]
+    by_pair = lambda values: values.transpose(1, 2).reshape(num_tasks * rank, size)  # [D, J, r] → [n, J]  # noqa: E731
     prior_precision = 0.0 if global_scale is None else global_scale ** -2
-    eye = torch.eye(rank, dtype=torch.float64, device=point.device)
+    eye = torch.eye(rank, dtype=torch.float64, device=linear.device)
     values = []
     for u in log_tau_grid.tolist():
         tau = math.exp(u)
         curve = precision_curve + tau  # eigenvalues of M_dj
-        tasks_part = 0.5 * (linear ** 2 / curve).sum() + 0.5 * rank * size * point.shape[0] * u - 0.5 * curve.log().sum()
-        shrink = tau - tau ** 2 / curve  # eigenvalues of τI − τ² M⁻¹, [D, J, r]
-        precision = prior_precision * eye + torch.einsum("dkr,djr,dmr->jkm", task_directions, shrink, task_directions)
-        pull = torch.einsum("dkr,djr->jk", task_directions, tau * linear / curve)  # h_j [J, r]
+        tasks_part = 0.5 * (linear ** 2 / curve).sum() + 0.5 * rank * size * num_tasks * u - 0.5 * curve.log().sum()
+        shrink = tau - tau ** 2 / curve  # eigenvalues of τI − τ² M⁻¹
+        precision = prior_precision * eye + (by_pair(shrink).T @ outer).view(size, rank, rank)  # P_j [J, r, r]
+        pull = by_pair(tau * linear / curve).T @ columns  # h_j = Σ_d V_d (τ b̃_dj / (λ_j c_d + τ)): [J, r]
         cholesky = torch.linalg.cholesky(precision)
         solved = torch.cholesky_solve(pull[..., None], cholesky)[..., 0]
         global_part = 0.5 * (pull * solved).sum() - torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum()
         if global_scale is not None:
             global_part = global_part - rank * size * math.log(global_scale)
         values.append(tasks_part + global_part)
-    return torch.stack(values)
+    return torch.stack(values) if values else log_tau_grid.new_zeros(0)
 
 
 class GridLogTau(dist.TorchDistribution):
@@ -292,18 +294,21 @@ def laplace_tau(curvature: Mapping[tuple[str, str], FactorCurvature],
     """
     posteriors = {}
     for site, (hyperprior, pairs) in groups.items():
+        def log_density(grid: torch.Tensor) -> torch.Tensor:  # hyperprior × evidence, of u = log τ
+            evidence = sum(log_evidence(curvature[pair], grid, global_scale) for pair in pairs)
+            return evidence + hyperprior.log_prob(grid.exp().to(torch.get_default_dtype())).double() + grid
+
         grid = hyperprior_grid(hyperprior, points)
+        density = log_density(grid)
         step, half = float(grid[1] - grid[0]), (points - 1) // 2
         for _ in range(MAX_WIDENINGS + 1):
-            evidence = sum(log_evidence(curvature[pair], grid, global_scale) for pair in pairs)
-            log_prior = hyperprior.log_prob(grid.exp().to(torch.get_default_dtype())).double() + grid  # of u = log τ
-            posterior = GridLogTau(grid, evidence + log_prior)
+            posterior = GridLogTau(grid, density)
             low, high = posterior.edge_masses()
             if max(low, high) <= EDGE_MASS:
                 break
             below = grid[0] - step * torch.arange(half, 0, -1, dtype=torch.float64) if low > EDGE_MASS else grid[:0]
             above = grid[-1] + step * torch.arange(1, half + 1, dtype=torch.float64) if high > EDGE_MASS else grid[:0]
-            grid = torch.cat([below, grid, above])
+            grid, density = torch.cat([below, grid, above]), torch.cat([log_density(below), density, log_density(above)])
         else:
             raise ConfigError(f"the posterior of {site} still reaches the end of τ ∈ [{math.exp(grid[0]):.3g}, "
                               f"{math.exp(grid[-1]):.3g}] after widening the hyperprior's range {MAX_WIDENINGS} times: the "
@@ -313,27 +318,56 @@ def laplace_tau(curvature: Mapping[tuple[str, str], FactorCurvature],
     return posteriors
 
 
-def fit_tau_posterior(model, guide, batches: Iterable[Batch], seed: int = 0) -> dict[str, GridLogTau]:
+def fixed_tau_prior(prior: HierarchicalNormal, taus: Mapping[str, float]) -> HierarchicalNormal:
+    """``prior`` with its latent τ sites fixed at ``taus`` (site → value), on offsets: the prior of
+    the MAP fit the Laplace step expands at."""
+    if prior.precision.per == "all":
+        return HierarchicalNormal(taus["tau"], prior.global_scale, False, packed=prior.packed)
+    fixed = {site.removeprefix("tau."): value for site, value in taus.items()}
+    given = dict(prior.precision.tau) if isinstance(prior.precision.tau, dict) else {}  # {}: every group latent
+    return HierarchicalNormal(given | fixed, prior.global_scale, False, prior.precision.per, prior.packed)
+
+
+def fit_tau_posterior(model, guide, corpus, seed: int = 0, **fit_settings) -> tuple[dict[str, GridLogTau], dict]:
     """The Laplace step after a fit: each latent τ site's posterior (:func:`laplace_tau`) for the
-    :class:`~bora_pyro.models.BoRA` ``model``, its likelihood expanded at the fitted ``guide``'s
-    median, from one pass over ``batches`` (the training documents, each once). {} without a latent τ.
+    :class:`~bora_pyro.models.BoRA` ``model`` fitted by ``guide`` on ``corpus``, and what it did.
+
+    Laplace's method expands at a mode of p(θ | y, τ), and a fitted guide's median need not be one:
+    a fit that validation patience stops early sits where the likelihood's gradient is still large,
+    and a quadratic extrapolates that gradient far (the decentred mean-field fit of the Shakespeare
+    speakers stops at step 40; the step at its median put τ at 7, at the MAP mode below at 2.8e3).
+    So the step first fits MAP (:func:`~bora_pyro.guides.map_guide`) at τ fixed at the guide's
+    median (``fixed_tau_prior``; ``fit_settings`` go to :func:`~bora_pyro.fit.fit`: the fit's
+    own), then makes one pass over the training documents at that mode. {} without a latent τ.
 
     Raises:
         ConfigError: a prior other than :class:`HierarchicalNormal`, a guide whose tasks a task store
             holds (the step keeps every task's factors and gradients in memory), or a posterior that
             reaches its hyperprior's ends.
     """
+    from bora_pyro.fit import fit  # here: bora_pyro.fit imports this module (through diagnostics)
+    from bora_pyro.guides import map_guide
+    from bora_pyro.models import BoRA
+
     groups = tau_groups(model.prior, model.lm)
     if not groups:
-        return {}
+        return {}, {}
     if guide_task_store(guide) is not None:
         raise ConfigError("the Laplace step on τ holds every task's factors in memory, which a task store is there to "
                           "avoid: keep the guide's own q(τ) (--tau-posterior guide) with --task-store")
     with torch.no_grad():
-        factors = model.task_factors(guide.median())
+        taus = {site: float(value) for site, value in guide.median().items() if site in groups}
+    twin = BoRA(model.lm, fixed_tau_prior(model.prior, taus), model.num_tasks, model.task_weights)
+    mode = map_guide(twin, seed=seed)
+    result = fit(twin, mode, corpus, seed=seed, progress=False, **fit_settings)
+    with torch.no_grad():
+        factors = twin.task_factors(mode.median())
     generator = torch.Generator(device=model.lm.device).manual_seed(seed)
+    batches = corpus.train.batches(fit_settings.get("batch_size", 8), corpus.pad_token_id)
     curvature = kronecker_curvature(model.lm, factors, batches, model.num_tasks, model.task_weights, generator)
-    return laplace_tau(curvature, groups, model.prior.global_scale)
+    return laplace_tau(curvature, groups, model.prior.global_scale), {
+        "method": "laplace", "expanded_at": {"tau": taus, "map_steps": result.steps, "map_best_step": result.best_step,
+                                             "map_stopped_by": result.stopped_by}}
 
 
 def tau_posterior_to_json(posteriors: Mapping[str, GridLogTau]) -> dict:

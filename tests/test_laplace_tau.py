@@ -17,7 +17,7 @@ from bora_pyro.data import Batch
 from bora_pyro.errors import ConfigError
 from bora_pyro.guides.laplace_tau import (
     FactorCurvature, GridLogTau, hyperprior_grid, kronecker_curvature, laplace_tau, log_evidence, tau_groups,
-    tau_posterior_from_json,
+    fixed_tau_prior, tau_posterior_from_json,
 )
 from bora_pyro.models import HierarchicalNormal, HierarchicalStudentT
 from bora_pyro.predictive import new_task_draws
@@ -124,10 +124,11 @@ def test_the_pass_gathers_each_tasks_exact_gradient_and_input_moments():
     hook.remove()
     x = inputs[0].double()[batch.attention_mask.bool()]  # [T, in], the real tokens'
     token_tasks = batch.task_ids[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
-    torch.testing.assert_close(curvature[name, "lora_A"].shared, x.T @ x / len(x))
+    torch.testing.assert_close(curvature[name, "lora_A"].shared, x.T @ x / len(x), rtol=1e-5, atol=1e-6)  # float32 sums
     for task in range(3):
         down = x[token_tasks == task] @ A[task].double().T  # a_t [T_d, r]
-        torch.testing.assert_close(curvature[name, "lora_B"].task[task], layer.scaling**2 * weights[task] * down.T @ down)
+        torch.testing.assert_close(curvature[name, "lora_B"].task[task], layer.scaling**2 * weights[task] * down.T @ down,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_the_output_moment_is_the_fisher_of_the_models_own_labels(one_thread):
@@ -167,6 +168,16 @@ def test_tau_groups_follow_the_priors_grouping_and_refuse_other_priors():
     assert list(tau_groups(HierarchicalNormal(hyperprior), lm)) == ["tau"]
     with pytest.raises(ConfigError, match="HierarchicalNormal"):
         tau_groups(HierarchicalStudentT(hyperprior), lm)
+
+
+def test_the_mode_is_fitted_at_the_guides_tau_on_offsets_group_by_group():
+    hyperprior = dist.LogNormal(1.0, 1.0)
+    one = fixed_tau_prior(HierarchicalNormal(hyperprior, global_scale=0.5, centered=0.0), {"tau": 30.0})
+    assert (one.tau, one.global_scale, one.centered) == (30.0, 0.5, False)
+    grouped = fixed_tau_prior(HierarchicalNormal({"A": hyperprior, "B": 50.0}, tau_per="factor"), {"tau.A": 7.0})
+    assert grouped.tau == {"A": 7.0, "B": 50.0} and grouped.precision.per == "factor"
+    every = fixed_tau_prior(HierarchicalNormal(hyperprior, tau_per="module"), {"tau.m1": 2.0, "tau.m2": 3.0})
+    assert every.tau == {"m1": 2.0, "m2": 3.0}
 
 
 def test_the_grid_widens_to_where_the_data_put_tau_and_gives_up_when_they_push_it_away():
@@ -238,6 +249,8 @@ def test_a_learned_tau_fit_ends_with_the_laplace_step_and_diagnose_reports_it(le
     hyper = metrics["diagnostics"]["hyper"]["tau"]
     low, median, high = posterior.icdf(PROBABILITIES).tolist()
     assert hyper["method"] == "laplace" and metrics["tau_posterior"]["method"] == "laplace"
+    expanded = metrics["tau_posterior"]["expanded_at"]  # the MAP fit at the guide's τ, where the step expands
+    assert expanded["map_steps"] > 0 and expanded["tau"]["tau"] == pytest.approx(float(load_run(learned_tau_run).guide.median()["tau"]))
     assert hyper["median"] == pytest.approx(median) and hyper["ci90"] == pytest.approx([low, high])
     capsys.readouterr()
     assert main(["diagnose", str(learned_tau_run)]) == 0
