@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import datasets
+import torch
 import transformers
 
 from . import distributed
@@ -31,7 +32,7 @@ from .guides.laplace_tau import fit_tau_posterior
 from .run import (
     BASE_DTYPES, CHECKPOINT_FILE, CONFIG_FILE, GUIDE_FILE, GUIDES, METRICS_FILE, TASK_STORES, TAU_POSTERIORS, RunConfig,
     build_lm, build_model, check_base_model, fit_task_store, load_checkpoint, load_corpus, read_config,
-    save_checkpoint, save_config, save_run,
+    save_checkpoint, save_config, save_run, save_tau_posterior,
 )
 
 #: Flags that ``fit --resume`` accepts; every other setting comes from the run's config.json.
@@ -205,28 +206,45 @@ def run_fit(args: argparse.Namespace) -> dict:
     except FitError as error:
         raise fit_error(error, run_dir, config.lr) from None
     tested = len(corpus.test) > 0  # else test_size=0 or every task too small: nothing to report
-    tau_posterior, laplace = None, None
-    if config.laplace_tau and main_process:  # τ's posterior by the Laplace step: a MAP fit at the guide's τ, one pass
-        started = time.perf_counter()
-        tau_posterior, laplace = fit_tau_posterior(model, guide, corpus, seed=config.seed, **fit_settings)
-        laplace["seconds"] = round(time.perf_counter() - started, 1)
     metrics = {
         "steps": result.steps, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "stopped_by": result.stopped_by, "still_improving": result.still_improving,
-        "diagnostics": diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window, tau_posterior),
+        "diagnostics": diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window),
         "elbo_window": result.elbo_window, "elbos": result.elbos, "history": result.history, "tasks": corpus.counts(),
         "test": evaluate(model, guide, corpus, "test") if tested else None,
         "base_test": evaluate_base(lm, corpus, "test") if tested else None,
     }
-    if laplace is not None:
-        metrics["tau_posterior"] = laplace
-    if main_process:
-        save_run(run_dir, config, guide, metrics, tau_posterior)
+    if main_process:  # the fitted run first: a Laplace step that fails below loses nothing
+        save_run(run_dir, config, guide, metrics)
+    if config.laplace_tau:
+        laplace_step(model, guide, corpus, config, fit_settings, result, metrics, run_dir if main_process else None)
     if task_store is not None and task_store.folder is not None:  # working files: the run holds every task now
         task_store.close()
         shutil.rmtree(task_store.folder, ignore_errors=True)
     return {"run_dir": str(run_dir), "test_perplexity": metrics["test"]["perplexity"] if tested else None,
             "base_test_perplexity": metrics["base_test"]["perplexity"] if tested else None, "steps": result.steps}
+
+
+def laplace_step(model, guide, corpus, config: RunConfig, fit_settings: dict, result, metrics: dict,
+                 run_dir: str | None) -> None:
+    """τ's posterior by the Laplace step (:func:`~bora_pyro.guides.laplace_tau.fit_tau_posterior`:
+    a MAP fit at the guide's τ, then one pass), written into ``run_dir`` (None: a process that does
+    not write; under torchrun every process runs the step, whose MAP fit is data-parallel). A step
+    that fails says why in one warning line and in ``metrics.json`` and leaves the guide's q(τ)."""
+    started = time.perf_counter()
+    try:
+        tau_posterior, laplace = fit_tau_posterior(model, guide, corpus, seed=config.seed, **fit_settings)
+    except (BoRAError, torch.linalg.LinAlgError) as error:
+        warnings.warn(f"the Laplace step on τ failed ({one_line(error)}); the run keeps the guide's own q(τ), which "
+                      "is too narrow", RuntimeWarning, stacklevel=2)
+        metrics["tau_posterior"] = {"method": "guide", "laplace_error": one_line(error)}
+        tau_posterior = None
+    else:
+        metrics["tau_posterior"] = laplace | {"seconds": round(time.perf_counter() - started, 1)}
+        metrics["diagnostics"] = diagnose(model, guide, result.elbos, result.start_log_scales, result.elbo_window,
+                                          tau_posterior)
+    if run_dir is not None:
+        save_tau_posterior(run_dir, tau_posterior, metrics)
 
 
 def run_diagnose(args: argparse.Namespace) -> dict:

@@ -165,7 +165,8 @@ class RunConfig:
     def from_json(cls, values: dict) -> RunConfig:
         """The config of a ``config.json``; one without ``format_version`` is of format 1."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{"format_version": 1, **{k: v for k, v in values.items() if k in known}})
+        # before tau_posterior existed a learned τ kept the guide's q(τ): resuming such a run keeps it too
+        return cls(**{"format_version": 1, "tau_posterior": "guide", **{k: v for k, v in values.items() if k in known}})
 
 
 def check_device(device: str) -> None:
@@ -343,11 +344,9 @@ def check_base_model(config: RunConfig, lm: MultiTaskLM) -> None:
     config.base_fingerprint = found
 
 
-def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None,
-             tau_posterior: Mapping[str, GridLogTau] | None = None) -> Path:
-    """Write config, guide parameters, metrics and a Laplace step's ``tau_posterior`` into
-    ``run_dir`` (created if needed); a guide with a task store a task's row at a time
-    (:func:`~bora_pyro.guide_file.save_guide`)."""
+def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None = None) -> Path:
+    """Write config, guide parameters and metrics into ``run_dir`` (created if needed); a guide
+    with a task store a task's row at a time (:func:`~bora_pyro.guide_file.save_guide`)."""
     run_dir = save_config(run_dir, config)
     store = guide_task_store(guide)
     if store is not None and store.sites:
@@ -355,11 +354,17 @@ def save_run(run_dir: str | Path, config: RunConfig, guide, metrics: dict | None
     else:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in guide.state_dict().items()}
         atomic_write(run_dir / GUIDE_FILE, lambda temp: safetensors.torch.save_file(state, temp))
-    if tau_posterior:
-        write_json(run_dir / TAU_POSTERIOR_FILE, tau_posterior_to_json(tau_posterior))
     if metrics is not None:
         write_json(run_dir / METRICS_FILE, metrics)
     return run_dir
+
+
+def save_tau_posterior(run_dir: str | Path, tau_posterior: Mapping[str, GridLogTau] | None, metrics: dict) -> None:
+    """Add a Laplace step's posterior of τ (``tau_posterior.json``; None: the step failed) to a
+    saved run, then its ``metrics`` (which say whether the step ran)."""
+    if tau_posterior:
+        write_json(Path(run_dir) / TAU_POSTERIOR_FILE, tau_posterior_to_json(tau_posterior))
+    write_json(Path(run_dir) / METRICS_FILE, metrics)
 
 
 @dataclass
@@ -424,7 +429,11 @@ def load_run(run_dir: str | Path, device: str | None = None, keep_start: bool = 
         load_guide_state(guide, state, run_dir / GUIDE_FILE)
     tau_posterior = None
     if (run_dir / TAU_POSTERIOR_FILE).is_file():
-        tau_posterior = tau_posterior_from_json(json.loads((run_dir / TAU_POSTERIOR_FILE).read_text()))
+        try:
+            tau_posterior = tau_posterior_from_json(json.loads((run_dir / TAU_POSTERIOR_FILE).read_text()))
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{run_dir / TAU_POSTERIOR_FILE} is corrupt ({first_line(error)}); delete it to "
+                                  "report the guide's own q(τ), or fit the run again") from None
     return Run(config, lm, tokenizer, model, guide, start_log_scales, tau_posterior)
 
 

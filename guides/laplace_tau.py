@@ -3,7 +3,8 @@
 A mean-field guide's q(τ) is not τ's posterior: it sits where the ELBO's bias puts it, narrower
 than the exact posterior, and does not follow the data (``benchmarks/sbc.py``). The evidence
 p(y | τ) does follow them, and with a quadratic likelihood in each task's factors it has a closed
-form. So, around one point θ̂ (the fitted guide's median) and for each task d and factor X (a
+form. So, around one point θ̂ (a mode of p(θ | y, τ): :func:`fit_tau_posterior` fits MAP at
+the fitted guide's τ first) and for each task d and factor X (a
 module's ``lora_A`` or ``lora_B``), with θ_d ∈ R^{J×r} its entries (``lora_B`` [out, r] as it is,
 ``lora_A`` [r, in] transposed to [in, r]):
 
@@ -29,8 +30,8 @@ independent given the quadratic likelihood, so each τ group has its own evidenc
 u = log τ is then normalised on the grid, linear in log density between its points
 (:class:`GridLogTau`).
 
-Cost: one pass over the training documents (a forward and two backward passes per batch), then
-O(D·J·r²) per grid point and factor: linear in the tasks. On the SBC model it passes simulation-
+Cost: the MAP fit, one pass over the training documents (a forward and two backward passes per
+batch), then O(D·J·r²) per grid point and factor: linear in the tasks. On the SBC model it passes simulation-
 based calibration where every guide's own q(τ) fails (``benchmarks/sbc.py``).
 
 Assumed, besides the Laplace approximation itself: the Kronecker factorisation (exact for the
@@ -63,6 +64,8 @@ GRID_POINTS, TAIL = 161, 1e-7
 EDGE_MASS = 1e-4
 #: … at most this many times.
 MAX_WIDENINGS = 10
+#: The final grid spans where the log density is within this of its maximum (e^-25: nothing left out).
+SPAN = 25.0
 
 
 @dataclass
@@ -103,7 +106,7 @@ def kronecker_curvature(lm: MultiTaskLM, factors: Factors, batches: Iterable[Bat
     total_tokens = 0
     for batch in batches:
         with torch.enable_grad():  # also when called under no_grad, as after a fit
-            total_tokens += add_batch(lm, factors, batch.to(device), weights, generator, sums, task_tokens)
+            total_tokens += _add_batch(lm, factors, batch.to(device), weights, generator, sums, task_tokens)
     if total_tokens == 0:
         raise ConfigError("the Laplace step on τ needs training documents; the batches held no tokens")
     curvature = {}
@@ -118,10 +121,10 @@ def kronecker_curvature(lm: MultiTaskLM, factors: Factors, batches: Iterable[Bat
     return curvature
 
 
-def add_batch(lm: MultiTaskLM, factors: Factors, batch: Batch, weights: torch.Tensor, generator: torch.Generator | None,
+def _add_batch(lm: MultiTaskLM, factors: Factors, batch: Batch, weights: torch.Tensor, generator: torch.Generator | None,
               sums: dict[str, dict[str, torch.Tensor]], task_tokens: torch.Tensor) -> int:
-    """Add one batch's terms to ``sums`` and ``task_tokens`` (see :func:`kronecker_curvature`);
-    returns its tokens."""
+    """Add one batch's terms to ``sums`` and ``task_tokens`` [D] (see :func:`kronecker_curvature`;
+    ``weights`` [D] the tasks' likelihood weights); returns its tokens."""
     tasks, row_tasks = torch.unique(batch.task_ids, return_inverse=True)
     leaves = {name: (A.index_select(0, tasks).detach().requires_grad_(True),
                      B.index_select(0, tasks).detach().requires_grad_(True)) for name, (A, B) in factors.items()}
@@ -154,7 +157,8 @@ def add_batch(lm: MultiTaskLM, factors: Factors, batch: Batch, weights: torch.Te
         deltas = output_grads[index].reshape(-1, layer.out_features)[tokens].float()  # δ̂_t [T, out]
         stats["output"] += (deltas.T @ deltas).double()
         stats["input"] += (inputs.T @ inputs).double()
-        down = torch.einsum("ti,tki->tk", inputs, leaves[name][0].detach().float().index_select(0, token_tasks)).double()  # a_t
+        A = leaves[name][0].detach().float()  # [K, r, in]: every batch task's, then each token's own (no [T, r, in] copy)
+        down = (inputs @ A.flatten(0, 1).T).view(len(inputs), *A.shape[:2])[torch.arange(len(inputs), device=inputs.device), token_tasks].double()
         stats["task"].index_add_(0, tasks[token_tasks], down[:, :, None] * down[:, None, :] * token_weights[:, None, None])
         stats["gradient_A"].index_add_(0, tasks, factor_grads[2 * index].double())
         stats["gradient_B"].index_add_(0, tasks, factor_grads[2 * index + 1].double())
@@ -162,39 +166,71 @@ def add_batch(lm: MultiTaskLM, factors: Factors, batch: Batch, weights: torch.Te
     return int(tokens.sum())
 
 
+@dataclass
+class Spectrum:
+    """A :class:`FactorCurvature` in the eigenbases the evidence is computed in, computed once for
+    every grid point: S's eigenvalues λ_j [J] and each C_d's c_dk [D, r] and vectors V_d [D, r, r];
+    b̃_djk = (V_dᵀ b_dj)_k [D, J, r] with b_dj = g_dj + λ_j C_d θ̂_dj, both rotated by S's vectors."""
+
+    eigenvalues: torch.Tensor
+    task_values: torch.Tensor
+    task_directions: torch.Tensor
+    linear: torch.Tensor
+
+    @classmethod
+    def of(cls, curvature: FactorCurvature) -> Spectrum:
+        eigenvalues, directions = torch.linalg.eigh(curvature.shared)
+        eigenvalues = eigenvalues.clamp(min=0)  # a Fisher is PSD, rounding may not be
+        task_values, task_directions = torch.linalg.eigh(curvature.task)
+        task_values = task_values.clamp(min=0)
+
+        def rotate(values: torch.Tensor) -> torch.Tensor:  # [D, J, r] into S's (over J) and V_d's (over r) bases
+            return torch.einsum("ij,dir,drk->djk", directions, values, task_directions)
+
+        curve = eigenvalues[None, :, None] * task_values[:, None, :]  # λ_j c_dk
+        return cls(eigenvalues, task_values, task_directions, rotate(curvature.gradient) + curve * rotate(curvature.point))
+
+    def log_evidence(self, log_tau_grid: torch.Tensor, global_scale: float | None) -> torch.Tensor:
+        """log p(y | τ = e^u) (module docstring), up to a constant in τ, at every u of
+        ``log_tau_grid`` [G]: [G] float64. With a flat Θ (``global_scale=None``), directions j no
+        token moves (λ_j = 0) are left out: there Θ_j has neither prior nor data, and its integral,
+        infinite, does not depend on τ."""
+        eigenvalues, linear = self.eigenvalues, self.linear
+        if global_scale is None:
+            seen = eigenvalues > 1e-12 * float(eigenvalues.max())
+            eigenvalues, linear = eigenvalues[seen], linear[:, seen]
+        num_tasks, size, rank = linear.shape
+        precision_curve = eigenvalues[None, :, None] * self.task_values[:, None, :]  # λ_j c_dk: [D, J, r]
+        # sums over d and V_d's index k as matmuls over n = (d, k): V_d's column k as a row [n, r]
+        columns = self.task_directions.transpose(1, 2).reshape(num_tasks * rank, rank)
+        outer = (columns[:, :, None] * columns[:, None, :]).reshape(num_tasks * rank, rank * rank)  # [n, r²]
+
+        def by_pair(values: torch.Tensor) -> torch.Tensor:  # [D, J, r] → [n, J]
+            return values.transpose(1, 2).reshape(num_tasks * rank, size)
+
+        prior_precision = 0.0 if global_scale is None else global_scale ** -2
+        eye = torch.eye(rank, dtype=torch.float64, device=linear.device)
+        values = []
+        for u in log_tau_grid.tolist():
+            tau = math.exp(u)
+            curve = precision_curve + tau  # eigenvalues of M_dj
+            tasks_part = 0.5 * (linear ** 2 / curve).sum() + 0.5 * rank * size * num_tasks * u - 0.5 * curve.log().sum()
+            shrink = tau * precision_curve / curve  # eigenvalues of τI − τ² M⁻¹, without its cancellation
+            precision = prior_precision * eye + (by_pair(shrink).T @ outer).view(size, rank, rank)  # P_j [J, r, r]
+            pull = by_pair(tau * linear / curve).T @ columns  # h_j = Σ_d V_d (τ b̃_dj / (λ_j c_d + τ)): [J, r]
+            cholesky = torch.linalg.cholesky(precision)
+            solved = torch.cholesky_solve(pull[..., None], cholesky)[..., 0]
+            global_part = 0.5 * (pull * solved).sum() - torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum()
+            if global_scale is not None:
+                global_part = global_part - rank * size * math.log(global_scale)
+            values.append(tasks_part + global_part)
+        return torch.stack(values) if values else log_tau_grid.new_zeros(0)
+
+
 def log_evidence(curvature: FactorCurvature, log_tau_grid: torch.Tensor, global_scale: float | None) -> torch.Tensor:
     """log p(y | τ = e^u) of one factor's quadratic likelihood (module docstring), up to a constant
-    in τ, at every u of ``log_tau_grid`` [G]: [G] float64."""
-    eigenvalues, directions = torch.linalg.eigh(curvature.shared)
-    eigenvalues = eigenvalues.clamp(min=0)  # [J]; a Fisher is PSD, rounding may not be
-    task_values, task_directions = torch.linalg.eigh(curvature.task)  # c_dk [D, r], V_d [D, r, r]
-    task_values = task_values.clamp(min=0)
-    num_tasks, size, rank = curvature.point.shape
-    # θ̂ and g rotated by S's eigenvectors (over J) and by V_d (over r): [D, J, r], index k of V_d's
-    rotate = lambda values: torch.einsum("ij,dir,drk->djk", directions, values, task_directions)  # noqa: E731
-    precision_curve = eigenvalues[None, :, None] * task_values[:, None, :]  # λ_j c_dk: [D, J, r]
-    linear = rotate(curvature.gradient) + precision_curve * rotate(curvature.point)  # b̃_djk = (V_dᵀ b_dj)_k
-    # sums over d and V_d's index k as matmuls over n = (d, k): V_d's column k as a row [n, r]
-    columns = task_directions.transpose(1, 2).reshape(num_tasks * rank, rank)
-    outer = (columns[:, :, None] * columns[:, None, :]).reshape(num_tasks * rank, rank * rank)  # [n, r²]
-    by_pair = lambda values: values.transpose(1, 2).reshape(num_tasks * rank, size)  # [D, J, r] → [n, J]  # noqa: E731
-    prior_precision = 0.0 if global_scale is None else global_scale ** -2
-    eye = torch.eye(rank, dtype=torch.float64, device=linear.device)
-    values = []
-    for u in log_tau_grid.tolist():
-        tau = math.exp(u)
-        curve = precision_curve + tau  # eigenvalues of M_dj
-        tasks_part = 0.5 * (linear ** 2 / curve).sum() + 0.5 * rank * size * num_tasks * u - 0.5 * curve.log().sum()
-        shrink = tau - tau ** 2 / curve  # eigenvalues of τI − τ² M⁻¹
-        precision = prior_precision * eye + (by_pair(shrink).T @ outer).view(size, rank, rank)  # P_j [J, r, r]
-        pull = by_pair(tau * linear / curve).T @ columns  # h_j = Σ_d V_d (τ b̃_dj / (λ_j c_d + τ)): [J, r]
-        cholesky = torch.linalg.cholesky(precision)
-        solved = torch.cholesky_solve(pull[..., None], cholesky)[..., 0]
-        global_part = 0.5 * (pull * solved).sum() - torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum()
-        if global_scale is not None:
-            global_part = global_part - rank * size * math.log(global_scale)
-        values.append(tasks_part + global_part)
-    return torch.stack(values) if values else log_tau_grid.new_zeros(0)
+    in τ, at every u of ``log_tau_grid`` [G]: [G] float64 (:meth:`Spectrum.log_evidence`)."""
+    return Spectrum.of(curvature).log_evidence(log_tau_grid, global_scale)
 
 
 class GridLogTau(dist.TorchDistribution):
@@ -211,6 +247,9 @@ class GridLogTau(dist.TorchDistribution):
     RESOLUTION = 8  #: the inverse CDF's fine points per grid interval
 
     def __init__(self, log_tau_grid: torch.Tensor, log_density: torch.Tensor, validate_args=None):
+        if not bool(torch.isfinite(log_density.max())):
+            raise ConfigError(f"the posterior of τ is not finite on its grid (max log density {float(log_density.max())}): "
+                              "the fit or its curvature holds nan or inf; fit again with a lower --lr")
         self.log_tau_grid, self.log_density = log_tau_grid.double(), log_density.double() - log_density.max()
         fine = torch.linspace(float(self.log_tau_grid[0]), float(self.log_tau_grid[-1]),
                               (len(log_tau_grid) - 1) * self.RESOLUTION + 1, dtype=torch.float64, device=log_tau_grid.device)
@@ -286,7 +325,9 @@ def laplace_tau(curvature: Mapping[tuple[str, str], FactorCurvature],
                 global_scale: float | None, points: int = GRID_POINTS) -> dict[str, GridLogTau]:
     """Each τ site's posterior: hyperprior × the evidence of its factors, on a grid over the
     hyperprior's range (:func:`hyperprior_grid`), widened by half that range at an end that holds
-    more than ``EDGE_MASS`` of the posterior (the data can favour a τ the hyperprior thinks unlikely).
+    more than ``EDGE_MASS`` of the posterior (the data can favour a τ the hyperprior thinks
+    unlikely), then laid anew over where the posterior is (:func:`posterior_grid`): data from many
+    documents make it far narrower than the hyperprior, and the density is linear between points.
 
     Raises:
         ConfigError: the posterior still reaches an end after ``MAX_WIDENINGS`` widenings (the
@@ -294,28 +335,38 @@ def laplace_tau(curvature: Mapping[tuple[str, str], FactorCurvature],
     """
     posteriors = {}
     for site, (hyperprior, pairs) in groups.items():
-        def log_density(grid: torch.Tensor) -> torch.Tensor:  # hyperprior × evidence, of u = log τ
-            evidence = sum(log_evidence(curvature[pair], grid, global_scale) for pair in pairs)
+        spectra = [Spectrum.of(curvature[pair]) for pair in pairs]
+
+        def log_density(grid: torch.Tensor, hyperprior=hyperprior, spectra=spectra) -> torch.Tensor:  # of u = log τ
+            evidence = sum(spectrum.log_evidence(grid, global_scale) for spectrum in spectra)
             return evidence + hyperprior.log_prob(grid.exp().to(torch.get_default_dtype())).double() + grid
 
         grid = hyperprior_grid(hyperprior, points)
         density = log_density(grid)
         step, half = float(grid[1] - grid[0]), (points - 1) // 2
-        for _ in range(MAX_WIDENINGS + 1):
-            posterior = GridLogTau(grid, density)
-            low, high = posterior.edge_masses()
+        for widenings in range(MAX_WIDENINGS + 1):
+            low, high = GridLogTau(grid, density).edge_masses()
             if max(low, high) <= EDGE_MASS:
                 break
+            if widenings == MAX_WIDENINGS:
+                raise ConfigError(f"the posterior of {site} still reaches the end of τ ∈ [{math.exp(grid[0]):.3g}, "
+                                  f"{math.exp(grid[-1]):.3g}] after widening the hyperprior's range {MAX_WIDENINGS} times: "
+                                  "the data keep favouring τ → 0 or ∞ and the hyperprior does not stop them; give a "
+                                  "narrower one (--tau-prior)")
             below = grid[0] - step * torch.arange(half, 0, -1, dtype=torch.float64) if low > EDGE_MASS else grid[:0]
             above = grid[-1] + step * torch.arange(1, half + 1, dtype=torch.float64) if high > EDGE_MASS else grid[:0]
             grid, density = torch.cat([below, grid, above]), torch.cat([log_density(below), density, log_density(above)])
-        else:
-            raise ConfigError(f"the posterior of {site} still reaches the end of τ ∈ [{math.exp(grid[0]):.3g}, "
-                              f"{math.exp(grid[-1]):.3g}] after widening the hyperprior's range {MAX_WIDENINGS} times: the "
-                              "data keep favouring τ → 0 or ∞ and the hyperprior does not stop them; give a narrower one "
-                              "(--tau-prior)")
-        posteriors[site] = posterior
+        fine = posterior_grid(grid, density, points)
+        posteriors[site] = GridLogTau(fine, log_density(fine))
     return posteriors
+
+
+def posterior_grid(grid: torch.Tensor, log_density: torch.Tensor, points: int) -> torch.Tensor:
+    """An even grid of ``points`` over where ``log_density`` (on ``grid``) is within ``SPAN`` nats
+    of its maximum, one coarse interval wider at either end (within ``grid``)."""
+    inside = (log_density >= log_density.max() - SPAN).nonzero().flatten()
+    first, last = max(int(inside[0]) - 1, 0), min(int(inside[-1]) + 1, len(grid) - 1)
+    return torch.linspace(float(grid[first]), float(grid[last]), points, dtype=torch.float64)
 
 
 def fixed_tau_prior(prior: HierarchicalNormal, taus: Mapping[str, float]) -> HierarchicalNormal:
@@ -377,6 +428,7 @@ def tau_posterior_to_json(posteriors: Mapping[str, GridLogTau]) -> dict:
 
 
 def tau_posterior_from_json(values: Mapping[str, Mapping[str, list[float]]]) -> dict[str, GridLogTau]:
+    """The posteriors of :func:`tau_posterior_to_json`'s output."""
     return {site: GridLogTau(torch.tensor(value["log_tau_grid"], dtype=torch.float64),
                              torch.tensor(value["log_density"], dtype=torch.float64)) for site, value in values.items()}
 

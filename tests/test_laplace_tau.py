@@ -24,6 +24,7 @@ from bora_pyro.predictive import new_task_draws
 from bora_pyro.run import TAU_POSTERIOR_FILE, load_run
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PROBABILITIES = torch.tensor([0.05, 0.5, 0.95])
 sys.path.insert(0, str(BENCHMARKS))
 import conftest  # noqa: E402
 import sbc  # noqa: E402
@@ -76,6 +77,31 @@ def test_the_evidence_is_the_gaussian_integral_written_out(global_scale):
     torch.testing.assert_close(fast - fast[0], dense - dense[0], rtol=0, atol=1e-6 if global_scale else 1e-4)
 
 
+def test_a_flat_global_prior_leaves_out_directions_no_token_moves():
+    """Direction 0 of S unseen by every token (no curvature, no gradient): with Θ flat its integral
+    is infinite but the same for every τ, so the evidence is the other directions' (no error from
+    a singular P_j)."""
+    curvature = random_curvature()
+    curvature.shared[:, 0] = curvature.shared[0, :] = 0
+    curvature.gradient[:, 0] = curvature.point[:, 0] = 0
+    seen = FactorCurvature(curvature.shared[1:, 1:], curvature.task, curvature.point[:, 1:], curvature.gradient[:, 1:])
+    grid = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    unseen = log_evidence(curvature, grid, None) - log_evidence(seen, grid, None)
+    torch.testing.assert_close(unseen - unseen[0], torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def test_a_narrow_posterior_gets_a_grid_of_its_own():
+    curvature = random_curvature(tasks=40, size=6)  # many tasks: τ's posterior far narrower than the hyperprior
+    pair, hyperprior = ("m", "lora_B"), dist.LogNormal(1.0, 3.0)
+    posterior = laplace_tau({pair: curvature}, {"tau": (hyperprior, [pair])}, 1.0)["tau"]
+    fine = torch.linspace(-20.0, 20.0, 20001, dtype=torch.float64)
+    exact = GridLogTau(fine, log_evidence(curvature, fine, 1.0) + hyperprior.log_prob(fine.exp().float()).double() + fine)
+    low, high = exact.icdf(torch.tensor([0.05, 0.95])).double().log().tolist()
+    assert high - low < 30 * 6.0 / 160  # narrower than 30 intervals of the hyperprior's grid …
+    # … yet exact: the hyperprior's grid alone is 0.6 % off here (linear in log density between points)
+    torch.testing.assert_close(posterior.icdf(PROBABILITIES), exact.icdf(PROBABILITIES), rtol=0.002, atol=0)
+
+
 def test_the_grid_posterior_is_a_normalised_density_with_matching_quantiles():
     grid = torch.linspace(-4.0, 6.0, 201, dtype=torch.float64)
     posterior = GridLogTau(grid, dist.Normal(1.0, 0.5).log_prob(grid) + 7.0)  # unnormalised on purpose
@@ -105,9 +131,9 @@ def test_the_pass_gathers_each_tasks_exact_gradient_and_input_moments():
     A = torch.randn(3, *lm.modules_spec[0].shape_A, generator=generator) * 0.3
     B = torch.randn(3, *lm.modules_spec[0].shape_B, generator=generator) * 0.3
     weights = torch.tensor([1.0, 2.0, 0.5])
-    # two batches of the same documents give the sums of one
+    # two batches of the same documents give the sums of one; the first holds tasks 1 and 2 only
     halves = [Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.task_ids[rows], batch.doc_ids[rows], 12)
-              for rows in (torch.arange(0, 12, 2), torch.arange(1, 12, 2))]
+              for rows in (torch.arange(4, 12), torch.arange(0, 4))]
     curvature = kronecker_curvature(lm, {name: (A, B)}, halves, 3, task_weights=weights, generator=generator)
 
     leaves = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
@@ -125,10 +151,14 @@ def test_the_pass_gathers_each_tasks_exact_gradient_and_input_moments():
     x = inputs[0].double()[batch.attention_mask.bool()]  # [T, in], the real tokens'
     token_tasks = batch.task_ids[:, None].expand_as(batch.attention_mask)[batch.attention_mask.bool()]
     torch.testing.assert_close(curvature[name, "lora_A"].shared, x.T @ x / len(x), rtol=1e-5, atol=1e-6)  # float32 sums
+    output = curvature[name, "lora_B"].shared
     for task in range(3):
         down = x[token_tasks == task] @ A[task].double().T  # a_t [T_d, r]
         torch.testing.assert_close(curvature[name, "lora_B"].task[task], layer.scaling**2 * weights[task] * down.T @ down,
                                    rtol=1e-5, atol=1e-6)
+        tokens = weights[task] * (token_tasks == task).sum()  # n_d, weighted
+        expected_A = layer.scaling**2 * tokens * B[task].double().T @ output @ B[task].double()
+        torch.testing.assert_close(curvature[name, "lora_A"].task[task], expected_A, rtol=1e-5, atol=1e-9)
 
 
 def test_the_output_moment_is_the_fisher_of_the_models_own_labels(one_thread):
@@ -188,8 +218,7 @@ def test_the_grid_widens_to_where_the_data_put_tau_and_gives_up_when_they_push_i
     exact = GridLogTau(wide, log_evidence(curvature, wide, 1.0) + hyperprior.log_prob(wide.exp().float()).double() + wide)
     posterior = laplace_tau({pair: curvature}, {"tau": (hyperprior, [pair])}, 1.0)["tau"]
     assert float(posterior.log_tau_grid[0]) < float(hyperprior_grid(hyperprior)[0])  # widened downwards …
-    probabilities = torch.tensor([0.05, 0.5, 0.95])
-    torch.testing.assert_close(posterior.icdf(probabilities), exact.icdf(probabilities), rtol=0.02, atol=0)  # … far enough
+    torch.testing.assert_close(posterior.icdf(PROBABILITIES), exact.icdf(PROBABILITIES), rtol=0.02, atol=0)  # … far enough
 
     curvature = random_curvature(tasks=50, size=20)
     identical = FactorCurvature(curvature.shared * 1e6, curvature.task,
@@ -226,14 +255,10 @@ def test_the_laplace_step_agrees_with_nested_laplace_on_an_sbc_replication(one_t
     factors = {module.name: (lora_A.expand(tasks, *lora_A.shape), point.view(tasks, *module.shape_B).float())}
     curvature = kronecker_curvature(lm, factors, [chunk.batch], tasks, generator=torch.Generator().manual_seed(0))
     step = laplace_tau(curvature, {"tau": (sbc.hyperprior(), [(module.name, "lora_B")])}, sbc.GLOBAL_SCALE)["tau"]
-    probabilities = torch.tensor([0.05, 0.5, 0.95])
-    torch.testing.assert_close(step.icdf(probabilities), reference.icdf(probabilities), rtol=0.1, atol=0)
+    torch.testing.assert_close(step.icdf(PROBABILITIES), reference.icdf(PROBABILITIES), rtol=0.1, atol=0)
     nuts = json.loads((BENCHMARKS / "results" / "sbc.json").read_text())["nuts_check"][1]
     assert nuts["seed"] == 1 and step.icdf(torch.tensor(0.5)).item() == pytest.approx(nuts["median"], rel=0.15)
 
-
-
-PROBABILITIES = torch.tensor([0.05, 0.5, 0.95])
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +309,27 @@ def test_tau_posterior_guide_keeps_the_guides_interval_and_a_task_store_needs_it
                  "--steps", "2", "--tau-prior", "lognormal:2,1.5", "--task-store", "host", "--out", str(tmp_path / "store"),
                  "--quiet"]) == 2
     assert "add --tau-posterior guide" in capsys.readouterr().err
+
+
+def test_a_failed_laplace_step_keeps_the_fitted_run_and_says_why(gpt2_dir, tmp_path, monkeypatch, capsys):
+    import bora_pyro.cli
+
+    def fail(*args, **kwargs):
+        raise ConfigError("the posterior of tau still reaches the end")
+
+    monkeypatch.setattr(bora_pyro.cli, "fit_tau_posterior", fail)
+    run_dir = conftest.fit_synthetic_run(tmp_path / "run", gpt2_dir, "--tau-prior", "lognormal:2,1.5")
+    assert "warning: the Laplace step on τ failed (the posterior of tau still reaches the end)" in capsys.readouterr().err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["tau_posterior"] == {"method": "guide", "laplace_error": "the posterior of tau still reaches the end"}
+    assert metrics["diagnostics"]["hyper"]["tau"]["method"] == "guide" and not (run_dir / TAU_POSTERIOR_FILE).exists()
+    assert load_run(run_dir).tau_posterior is None
+
+
+def test_a_run_saved_before_the_laplace_step_keeps_its_guides_tau():
+    from bora_pyro.run import RunConfig
+
+    old = RunConfig.from_json({"model": "m", "tau_prior": "lognormal:4.6,1", "task_store": "disk", "format_version": 2})
+    assert old.tau_posterior == "guide" and not old.laplace_tau
+    old.validate_model()  # resumable with its task store, as when it was written
+    assert RunConfig(model="m", tau_prior="lognormal:4.6,1").laplace_tau
