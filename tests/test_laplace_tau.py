@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from bora_pyro.data import Batch
 from bora_pyro.errors import ConfigError
 from bora_pyro.guides.laplace_tau import (
     FactorCurvature, GridLogTau, hyperprior_grid, kronecker_curvature, laplace_tau, log_evidence, tau_groups,
-    fixed_tau_prior, tau_posterior_from_json,
+    fixed_tau_prior, tau_posterior_from_json, tau_posterior_to_json,
 )
 from bora_pyro.models import HierarchicalNormal, HierarchicalStudentT
 from bora_pyro.predictive import new_task_draws
@@ -297,6 +298,46 @@ def test_new_tasks_draw_their_tau_from_the_laplace_step(learned_tau_run):
         return float(flat.std(0).mean())  # over draws, entry by entry
 
     assert spread(math.log(1e-2)) > 20 * spread(math.log(1e8))
+
+
+def run_at_tau(run_dir: Path, out: Path, tau: float) -> Path:
+    """A copy of ``run_dir`` whose ``tau_posterior.json`` puts τ within 1 % of ``tau``."""
+    shutil.copytree(run_dir, out)
+    grid = torch.linspace(math.log(tau) - 0.01, math.log(tau) + 0.01, 11, dtype=torch.float64)
+    (out / TAU_POSTERIOR_FILE).write_text(json.dumps(tau_posterior_to_json({"tau": GridLogTau(grid, torch.zeros(11))})))
+    return out
+
+
+def test_predict_scores_unseen_tasks_under_the_runs_laplace_tau(learned_tau_run, tmp_path, capsys):
+    """``bora-pyro predict --data`` with a task the run never saw draws its τ from the run's
+    ``tau_posterior.json``: at τ ≈ 1e-2 the unseen task's perplexity spreads over draws far more
+    than at τ ≈ 1e8 (where only Θ's posterior is left)."""
+    records = [dict(record, speaker="newcomer") for record in conftest.synthetic_records(num_tasks=4, docs_per_task=4, seed=2)
+               if record["speaker"] == "task3"]
+    data = tmp_path / "newcomer.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    def unseen_interval(tau: float) -> list[float]:
+        run_dir = run_at_tau(learned_tau_run, tmp_path / f"tau{tau:g}", tau)
+        capsys.readouterr()
+        assert main(["predict", str(run_dir), "--data", str(data), "--samples", "8", "--no-calibration"]) == 0
+        return json.loads(capsys.readouterr().out)["unseen"]["tasks"]["newcomer"]["ci"]
+
+    (loose_low, loose_high), (tight_low, tight_high) = unseen_interval(1e-2), unseen_interval(1e8)
+    assert math.log(loose_high / loose_low) > 2 * math.log(tight_high / tight_low)  # 3.1× when measured
+
+
+def test_generate_new_task_draws_its_adapter_at_the_runs_laplace_tau(learned_tau_run, tmp_path, capsys):
+    """``generate --new-task`` draws θ_new ~ Normal(Θ, τ^{-1/2}) at the Laplace step's τ: at τ ≈ 1e8
+    it writes what Θ writes, at τ ≈ 1e-2 (sd 10 per entry) something else."""
+
+    def text(run_dir: Path, which: str) -> str:
+        capsys.readouterr()
+        assert main(["generate", str(run_dir), which, "--prompt", "w1 w2", "--max-new-tokens", "12", "--json"]) == 0
+        return capsys.readouterr().out
+
+    tight, loose = (run_at_tau(learned_tau_run, tmp_path / name, tau) for name, tau in (("tight", 1e8), ("loose", 1e-2)))
+    assert text(tight, "--new-task") == text(tight, "--global") != text(loose, "--new-task")
 
 
 def test_tau_posterior_guide_keeps_the_guides_interval_and_a_task_store_needs_it(gpt2_dir, tmp_path, capsys):
