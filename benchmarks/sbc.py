@@ -108,11 +108,11 @@ from pyro.infer.reparam import LocScaleReparam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from laplace_tau import grid_posterior_draws, laplace_log_evidence  # noqa: E402
-from tiny_hierarchy import FixedAPrior, build_lm, fit_guide, simulate  # noqa: E402
+from tiny_hierarchy import FixedAPrior, build_lm, fit_guide, mode_at_guide_tau, simulate  # noqa: E402
 
 from bora_pyro import MultiTaskLM  # noqa: E402
 from bora_pyro.data import Batch  # noqa: E402
-from bora_pyro.guides import LoRAInit, TaskwiseDelta, hybrid_guide, mean_field_guide  # noqa: E402
+from bora_pyro.guides import hybrid_guide, mean_field_guide  # noqa: E402
 from bora_pyro.guides.laplace_tau import kronecker_curvature, laplace_tau  # noqa: E402
 from bora_pyro.guides.structured import conjugate_guide  # noqa: E402
 from bora_pyro.lora import AdaptedModule  # noqa: E402
@@ -320,22 +320,16 @@ def fit_chunk(fit_name: str, chunk: Chunk, seed: int, rows: Sequence[str] = ()) 
             draws = torch.stack([guide(chunk.batch)["tau"] for _ in range(NUM_DRAWS)])  # [L, R]
             results.append(rank_row(fit_name, chunk, draws, fit, time.perf_counter() - start))
     if LAPLACE_STEP in rows:
-        draws, step = laplace_step_draws(mode_at_guide_tau(model, guide, chunk), chunk, seed)
+        draws, step = laplace_step_draws(task_B_at_mode(model, guide, chunk), chunk, seed)
         results.append(rank_row(LAPLACE_STEP, chunk, draws, fit | {"laplace_step": step}, time.perf_counter() - start))
     return results
 
 
-def mode_at_guide_tau(model: BoRA, guide, chunk: Chunk) -> torch.Tensor:
-    """The task factors B [R·D, out, r] at the MAP of every replication with τ fixed at the fitted
-    ``guide``'s median (the MAP fit :func:`~bora_pyro.guides.laplace_tau.fit_tau_posterior` makes:
-    Laplace's method expands at a mode), fitted like the guides (``fit_guide``)."""
-    with torch.no_grad():
-        taus = {"tau": guide.median()["tau"].detach()}  # [R]
-    fixed = poutine.condition(model, data=taus)
-    mode = TaskwiseDelta(fixed, init_loc_fn=LoRAInit(0, model.lm.modules_spec), create_plates=model.tasks_plate)
-    fit_guide(fixed, mode, chunk.batch, MAX_STEPS, LR, LOG_SCALE_LR, tolerance=0.05 * len(chunk.seeds))
-    with torch.no_grad():
-        return model.task_factors(mode.median() | taus)[model.lm.name][1]
+def task_B_at_mode(model: BoRA, guide, chunk: Chunk) -> torch.Tensor:
+    """The task factors B [R·D, out, r] at :func:`~tiny_hierarchy.mode_at_guide_tau`, fitted like the guides."""
+    factors = mode_at_guide_tau(model, guide, chunk.batch, 0, steps=MAX_STEPS, lr=LR, log_scale_lr=LOG_SCALE_LR,
+                                tolerance=0.05 * len(chunk.seeds))
+    return factors[model.lm.name][1]
 
 
 def rank_row(name: str, chunk: Chunk, draws: torch.Tensor, fit: dict, seconds: float) -> dict:
@@ -384,7 +378,7 @@ def laplace_draws(lm: CachedTinyLM, chunk: Chunk, seed: int) -> tuple[torch.Tens
 def laplace_step_draws(task_B: torch.Tensor, chunk: Chunk, seed: int) -> tuple[torch.Tensor, dict]:
     """``NUM_DRAWS`` draws [L, R] of τ from the Laplace step (:func:`~bora_pyro.guides.laplace_tau.laplace_tau`)
     of each replication of ``chunk``, from its own documents, expanded at its tasks' ``task_B``
-    rows ([R·D, out, r]: :func:`mode_at_guide_tau`), and the steps' grid and cost."""
+    rows ([R·D, out, r]: :func:`task_B_at_mode`), and the steps' grid and cost."""
     start = time.perf_counter()
     lm = build_lm(alpha=LORA_ALPHA)
     module = lm.modules_spec[0]

@@ -17,7 +17,7 @@ simulation-based calibration benchmark.
 
 API (stable): ``build_lm(seed)``, ``FixedAPrior``, ``simulate(lm, prior, num_tasks,
 docs_per_task, doc_length, seed)``, ``fit_guide(model, guide, batch, steps, lr, log_scale_lr)``,
-``FitTrace``, ``MODULE``, ``BOS``.
+``FitTrace``, ``mode_at_guide_tau(model, guide, batch, seed, **fit)``, ``MODULE``, ``BOS``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from bora_pyro import MultiTaskLM
 from bora_pyro.data import Batch
 from bora_pyro.fit import optimizer_groups
+from bora_pyro.guides import LoRAInit, TaskwiseDelta
 from bora_pyro.lora import AdaptedModule, kaiming_uniform_A
 from bora_pyro.models.priors import Precision, TauValue, check_scale, site_name
 
@@ -225,3 +226,18 @@ def fit_guide(model, guide, batch: Batch, steps: int, lr: float, log_scale_lr: f
         previous = current
     trace.steps, trace.seconds = len(trace.losses), time.perf_counter() - start
     return trace
+
+
+def mode_at_guide_tau(model, guide, batch: Batch, seed: int, **fit) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The task factors {module: (A, B)} at the MAP with τ fixed at the fitted ``guide``'s median:
+    the mode :func:`~bora_pyro.guides.laplace_tau.fit_tau_posterior` expands at (Laplace's method
+    needs a mode; an early-stopped guide's means are not one). That function takes the library's
+    priors only; this one any ``model`` whose τ site is ``tau``. ``fit``: :func:`fit_guide`'s
+    settings (``steps``, ``lr``, ``log_scale_lr``, …)."""
+    with torch.no_grad():
+        taus = {"tau": guide.median()["tau"].detach()}
+    fixed = poutine.condition(model, data=taus)
+    mode = TaskwiseDelta(fixed, init_loc_fn=LoRAInit(seed, model.lm.modules_spec), create_plates=model.tasks_plate)
+    fit_guide(fixed, mode, batch, **fit)
+    with torch.no_grad():
+        return model.task_factors(mode.median() | taus)

@@ -59,17 +59,16 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoDelta
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_hierarchy import MODULE, FixedAPrior, build_lm, fit_guide, simulate  # noqa: E402
+from tiny_hierarchy import MODULE, FixedAPrior, build_lm, fit_guide, mode_at_guide_tau, simulate  # noqa: E402
 
 from bora_pyro import MultiTaskLM  # noqa: E402
 from bora_pyro.data import Batch  # noqa: E402
-from bora_pyro.guides import LoRAInit, TaskwiseDelta, hybrid_guide, map_guide, mean_field_guide, quantiles  # noqa: E402
+from bora_pyro.guides import hybrid_guide, map_guide, mean_field_guide, quantiles  # noqa: E402
 from bora_pyro.guides.laplace_tau import kronecker_curvature, laplace_tau  # noqa: E402
 from bora_pyro.models import BoRA  # noqa: E402
 from bora_pyro.precision import machine_description  # noqa: E402
@@ -214,14 +213,9 @@ def laplace_step_quantiles(model: BoRA, guide, batch: Batch, settings: Settings)
     """τ's quantiles from the library's Laplace step (:mod:`bora_pyro.guides.laplace_tau`) after
     the fitted ``guide``: at the MAP mode for τ fixed at the guide's median, as
     :func:`~bora_pyro.guides.laplace_tau.fit_tau_posterior` (the task factors compared are the guide's)."""
-    with torch.no_grad():
-        taus = {"tau": guide.median()["tau"].detach()}
-    fixed = poutine.condition(model, data=taus)
-    mode = TaskwiseDelta(fixed, init_loc_fn=LoRAInit(settings.seed, model.lm.modules_spec), create_plates=model.tasks_plate)
-    fit_guide(fixed, mode, batch, settings.guide_steps, settings.lr, settings.log_scale_lr, window=settings.fit_window,
-              max_decays=settings.fit_decays)
-    with torch.no_grad():
-        factors = model.task_factors(mode.median() | taus)
+    factors = mode_at_guide_tau(model, guide, batch, settings.seed, steps=settings.guide_steps, lr=settings.lr,
+                                log_scale_lr=settings.log_scale_lr, window=settings.fit_window,
+                                max_decays=settings.fit_decays)
     curvature = kronecker_curvature(model.lm, factors, [batch], settings.num_tasks,
                                     generator=torch.Generator().manual_seed(settings.seed))
     hyperprior = dist.LogNormal(settings.tau_loc, settings.tau_scale)
