@@ -285,26 +285,30 @@ def test_a_learned_tau_fit_ends_with_the_laplace_step_and_diagnose_reports_it(le
     assert abs(math.log(guide_median / median)) > 1e-3
 
 
+def narrow_tau_posterior(tau: float) -> dict[str, GridLogTau]:
+    """A posterior of the site ``tau``, flat on log τ within ±1 % of ``tau``."""
+    grid = torch.linspace(math.log(tau) - 0.01, math.log(tau) + 0.01, 11, dtype=torch.float64)
+    return {"tau": GridLogTau(grid, torch.zeros(11))}
+
+
 def test_new_tasks_draw_their_tau_from_the_laplace_step(learned_tau_run):
     """Unseen tasks' adapters spread around Θ by τ^{-1/2} of the Laplace step's τ, not the guide's:
     across draws, a posterior at τ ≈ 1e-2 spreads them (sd 10) far more than one at τ ≈ 1e8 (Θ's
     own posterior sd)."""
     run = load_run(learned_tau_run)
 
-    def spread(log_tau: float) -> float:
-        grid = torch.linspace(log_tau - 0.01, log_tau + 0.01, 11, dtype=torch.float64)
-        draws = list(new_task_draws(run.model, run.guide, 1, 8, {"tau": GridLogTau(grid, torch.zeros(11))}))
+    def spread(tau: float) -> float:
+        draws = list(new_task_draws(run.model, run.guide, 1, 8, narrow_tau_posterior(tau)))
         flat = torch.stack([torch.cat([factors[name][1].flatten() for name in factors]) for factors in draws])
         return float(flat.std(0).mean())  # over draws, entry by entry
 
-    assert spread(math.log(1e-2)) > 20 * spread(math.log(1e8))
+    assert spread(1e-2) > 20 * spread(1e8)
 
 
 def run_at_tau(run_dir: Path, out: Path, tau: float) -> Path:
-    """A copy of ``run_dir`` whose ``tau_posterior.json`` puts τ within 1 % of ``tau``."""
+    """A copy of ``run_dir`` whose ``tau_posterior.json`` is :func:`narrow_tau_posterior` at ``tau``."""
     shutil.copytree(run_dir, out)
-    grid = torch.linspace(math.log(tau) - 0.01, math.log(tau) + 0.01, 11, dtype=torch.float64)
-    (out / TAU_POSTERIOR_FILE).write_text(json.dumps(tau_posterior_to_json({"tau": GridLogTau(grid, torch.zeros(11))})))
+    (out / TAU_POSTERIOR_FILE).write_text(json.dumps(tau_posterior_to_json(narrow_tau_posterior(tau))))
     return out
 
 
